@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make serve` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# torch comes first, pinned to the wheels this machine keeps on disk (and its pip
+# constraint); the project's own range then accepts it and never pulls another build.
+ARCH := $(shell uname -m)
+ifeq ($(ARCH),aarch64)
+TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install serve test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Until the HTTP service lands this embeds one text and one image with the default model.
+serve: install
+	$(PY) -m clip_core embed --text "a photo of a red circle" --image-demo
+
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
+	$(PY) -m pytest
+
+bench: install
+	$(PY) loadtests/bench_model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""A faithful PyTorch CLIP: models, tokenizer, preprocessing and checkpoints."""

@@ -1,0 +1,124 @@
+"""Architecture and preprocessing configs.
+
+Architectures are data: one JSON file per model in `configs/`. Preprocessing is kept
+apart because it belongs to a set of weights, not to an architecture (the same ViT-B/32
+shape is trained with different normalisations by different groups).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+# CLIP's normalisation constants, from openai/CLIP clip/clip.py (_transform).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    kind: Literal["vit", "resnet"]
+    image_size: int
+    width: int  # ViT: token width; ResNet: channels of the first stage
+    layers: int | tuple[int, ...]  # ViT: blocks; ResNet: bottlenecks per stage
+    patch_size: int = 0  # ViT only
+    heads: int = 0  # 0 = OpenAI's rule (ViT: width // 64, ResNet: width * 32 // 64)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.kind not in ("vit", "resnet"):
+            raise ValueError(f"vision kind must be 'vit' or 'resnet', not {self.kind!r}")
+        if self.kind == "vit" and self.patch_size <= 0:
+            raise ValueError("a ViT vision config needs patch_size")
+        if self.kind == "resnet" and (not isinstance(self.layers, tuple) or len(self.layers) != 4):
+            raise ValueError("a ResNet vision config needs four stage depths")
+
+    @property
+    def n_heads(self) -> int:
+        if self.heads:
+            return self.heads
+        return self.width // 64 if self.kind == "vit" else self.width * 32 // 64
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    embed_dim: int
+    vision: VisionConfig
+    text: TextConfig = field(default_factory=TextConfig)
+    # OpenAI trained with x * sigmoid(1.702 x); most open_clip models use exact GELU.
+    act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    ln_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        d = dict(d)
+        d.pop("name", None)
+        vision = VisionConfig(**d.pop("vision"))
+        text = TextConfig(**d.pop("text", {}))
+        return cls(vision=vision, text=text, **d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["vision"]["layers"] = (
+            list(self.vision.layers) if isinstance(self.vision.layers, tuple) else self.vision.layers
+        )
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How images must be prepared for one set of weights."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    # "shortest": resize the shorter side to image_size, then centre-crop (CLIP's way).
+    resize_mode: Literal["shortest"] = "shortest"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+def architecture_names() -> list[str]:
+    """Names of the architectures shipped as JSON, e.g. 'ViT-B-32'."""
+    files = resources.files("clip_core").joinpath("configs").iterdir()
+    return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
+
+
+def load_architecture(name: str) -> CLIPConfig:
+    """Reads `configs/NAME.json`; OpenAI's spellings ('ViT-B/32', '@336px') are accepted."""
+    file_name = name.replace("/", "-").replace("@", "-").removesuffix("px") + ".json"
+    path = resources.files("clip_core").joinpath("configs", file_name)
+    if not path.is_file():
+        from .errors import ModelNotFound
+
+        raise ModelNotFound(
+            f"unknown architecture {name!r}; known: {', '.join(architecture_names())}"
+        )
+    return CLIPConfig.from_dict(json.loads(path.read_text()))

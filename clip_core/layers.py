@@ -1,0 +1,116 @@
+"""Transformer building blocks shared by the ViT image tower and the text tower.
+
+Parameter names follow OpenAI's release (`attn.in_proj_weight`, `mlp.c_fc`, `ln_1`, ...)
+because that layout is what OpenAI and open_clip checkpoints use: they load unchanged.
+Tensors are batch-first throughout: (B, L, D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the activations' dtype.
+
+    fp16/bf16 variance over 768-1024 channels loses enough precision to move embeddings
+    visibly, and the op is cheap, so it always runs in fp32 and casts back.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        y = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return y.to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention`.
+
+    One fused input projection, stored as nn.MultiheadAttention stores it, so the weights
+    are interchangeable with the reference models.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
+        # (B, L, 3D) -> (3, B, H, L, D/H)
+        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D/H)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, width: int, act: str):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = activation(act)
+        self.c_proj = nn.Linear(4 * width, width)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, act: str, ln_eps: float):
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=ln_eps)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = LayerNorm(width, eps=ln_eps)
+        self.mlp = MLP(width, act)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, act: str, ln_eps: float):
+        super().__init__()
+        self.width = width
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, act, ln_eps) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+    def init_weights(self) -> None:
+        # Scaled normal init, as in the CLIP paper's code: deeper stacks get smaller
+        # output projections so the residual stream keeps its scale.
+        n = len(self.resblocks)
+        proj_std = self.width**-0.5 * (2 * n) ** -0.5
+        attn_std = self.width**-0.5
+        fc_std = (2 * self.width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)

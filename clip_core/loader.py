@@ -1,0 +1,101 @@
+"""One entry point from a model name or path to a ready model and its preprocessing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .checkpoint import build_model, read_checkpoint
+from .config import PreprocessConfig, load_architecture
+from .errors import ModelNotFound
+from .model import CLIP
+from .registry import ModelEntry, get_entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: CLIP
+    preprocess: PreprocessConfig
+    source: str  # a file path, or "random"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto": fp16 on CUDA, fp32 elsewhere (CPU half kernels are slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _random_model(name: str, arch: str, preprocess: PreprocessConfig | None) -> LoadedModel:
+    cfg = load_architecture(arch)
+    log.warning(
+        "model %s uses RANDOM weights: its embeddings mean nothing (tests and benchmarks only)",
+        name,
+    )
+    model = CLIP(cfg).eval()
+    preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
+    return LoadedModel(name, model, preprocess, "random")
+
+
+def load(
+    name_or_path: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+    offline: bool = False,
+    random_weights: bool = False,
+    progress: bool = True,
+) -> LoadedModel:
+    """Loads a registry model (downloading and verifying it once), or any checkpoint path.
+
+    `random_weights=True` builds the named architecture with random weights instead of
+    fetching anything; it is logged loudly because its outputs are meaningless.
+    """
+    device = torch.device(device)
+    path = Path(name_or_path)
+    entry: ModelEntry | None = None
+    if path.exists():
+        ckpt = read_checkpoint(path)
+        model = build_model(ckpt)
+        preprocess = ckpt.preprocess
+        if preprocess is None:
+            preprocess = PreprocessConfig(image_size=model.config.vision.image_size)
+            log.info("%s carries no preprocessing; using CLIP's (OpenAI mean/std)", path)
+        loaded = LoadedModel(path.stem, model, preprocess, str(path))
+    else:
+        try:
+            entry = get_entry(name_or_path)
+        except ModelNotFound:
+            if not random_weights:
+                raise
+            loaded = _random_model(name_or_path, name_or_path, None)
+        else:
+            if random_weights:
+                loaded = _random_model(entry.name, entry.architecture, entry.preprocess)
+            else:
+                file = hub.fetch(
+                    entry.url,
+                    entry.sha256,
+                    Path(cache_dir) if cache_dir else hub.default_cache_dir(),
+                    entry.filename,
+                    offline=offline,
+                    progress=progress,
+                )
+                model = build_model(read_checkpoint(file), load_architecture(entry.architecture))
+                loaded = LoadedModel(entry.name, model, entry.preprocess, str(file))
+    loaded.model = loaded.model.to(device=device, dtype=resolve_dtype(dtype, device))
+    return loaded

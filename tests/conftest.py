@@ -1,0 +1,68 @@
+"""Shared fixtures: seeded random CLIP weights at real sizes, and the GPU marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clip_core.config import CLIPConfig, load_architecture
+from clip_core.model import CLIP
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def random_clip(cfg: CLIPConfig | str, seed: int = 0) -> CLIP:
+    """A CLIP whose every weight and batch-norm statistic is random and non-trivial.
+
+    Default initialisation leaves LayerNorm at identity, batch-norm statistics at (0, 1)
+    and some gains at zero; a parity test on such weights would not exercise them.
+    """
+    if isinstance(cfg, str):
+        cfg = load_architecture(cfg)
+    torch.manual_seed(seed)
+    model = CLIP(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight",
+                              "ln_final.weight")) or (".bn" in name and name.endswith("weight")):
+                p.uniform_(0.5, 1.5)
+            elif name != "logit_scale":
+                p.add_(torch.randn_like(p) * 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0.0, 0.1)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+    return model
+
+
+def random_tokens(
+    n: int, lengths: list[int] | None = None, context: int = 77, seed: int = 0
+) -> torch.Tensor:
+    """(n, context) ids shaped like the tokenizer's: sot, words, eot, zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    if lengths is None:
+        lengths = torch.randint(2, context + 1, (n,), generator=g).tolist()
+    ids = torch.zeros(n, context, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, 0] = 49406
+        ids[i, 1 : length - 1] = torch.randint(1, 49406, (length - 2,), generator=g)
+        ids[i, length - 1] = 49407
+    return ids
+
+
+@pytest.fixture(scope="session")
+def vit_b32() -> CLIP:
+    return random_clip("ViT-B-32", seed=1)
+
+
+@pytest.fixture(scope="session")
+def rn50() -> CLIP:
+    return random_clip("RN50", seed=2)
