@@ -7,6 +7,8 @@ Tensors are batch-first throughout: (B, L, D).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,34 @@ def activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}")
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a padded (B, L) batch sit.
+
+    With it, the dense layers run on the T real tokens alone, packed as (T, D), and only
+    attention goes back to the padded (B, L) layout it needs. A batch of texts with
+    lengths 4..16 then costs its 10-token average, not its 16-token maximum.
+    """
+
+    index: torch.Tensor  # (T,) positions of real tokens in the flattened (B * L)
+    batch: int
+    length: int
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor, length: int) -> Packing:
+        mask = torch.arange(length, device=lengths.device) < lengths[:, None]  # (B, L)
+        return cls(mask.flatten().nonzero().squeeze(1), len(lengths), length)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (T, ...)"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, L, ...), zeros at padded positions."""
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:])
+        return out.index_copy_(0, self.index, x).unflatten(0, (self.batch, self.length))
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention`.
 
@@ -57,13 +87,20 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None
+    ) -> torch.Tensor:
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D) or (T, 3D)
+        if packing is not None:
+            # Padded positions get zero q/k/v; under a causal mask no real token sees them.
+            qkv = packing.unpack(qkv)
+        b, n, d3 = qkv.shape
+        d = d3 // 3
         # (B, L, 3D) -> (3, B, H, L, D/H)
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D/H)
-        return self.out_proj(y.transpose(1, 2).reshape(b, n, d))
+        y = y.transpose(1, 2).reshape(b, n, d)
+        return self.out_proj(packing.pack(y) if packing is not None else y)
 
 
 class MLP(nn.Sequential):
@@ -84,8 +121,10 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width, act)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, packing=packing)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -97,9 +136,12 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, act, ln_eps) for _ in range(layers)
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); or packed (T, D) -> (T, D) when `packing` is given."""
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            x = block(x, causal=causal, packing=packing)
         return x
 
     def init_weights(self) -> None:

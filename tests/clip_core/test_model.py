@@ -1,0 +1,144 @@
+"""Properties of our CLIP that need no reference: trimming, batching, dtypes, every arch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_clip, random_tokens
+
+from clip_core.checkpoint import Checkpoint, build_model
+from clip_core.config import architecture_names, load_architecture
+from clip_core.model import CLIP
+
+
+def _padded_text(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """The reference computation: all 77 positions through the tower, then pool."""
+    x = model.token_embedding(tokens) + model.positional_embedding
+    x = model.ln_final(model.transformer(x, causal=True))
+    x = x[torch.arange(len(tokens)), tokens.argmax(dim=-1)] @ model.text_projection
+    return F.normalize(x, dim=-1)
+
+
+def test_trimmed_text_equals_77_padded(vit_b32):
+    tokens = random_tokens(8, lengths=[2, 3, 7, 12, 20, 33, 50, 60], seed=11)
+    with torch.no_grad():
+        trimmed = vit_b32.encode_text(tokens, normalize=True)
+        padded = _padded_text(vit_b32, tokens)
+    assert (trimmed - padded).abs().max().item() <= 1e-6
+
+
+def test_text_batch_invariance(vit_b32):
+    tokens = random_tokens(32, seed=12)  # lengths 2..77, so the batch is not trimmed
+    with torch.no_grad():
+        batch = vit_b32.encode_text(tokens, normalize=True)
+        alone = torch.cat([vit_b32.encode_text(tokens[i : i + 1], normalize=True)
+                           for i in (0, 5, 31)])
+    assert (batch[[0, 5, 31]] - alone).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["vit_b32", "rn50"])
+def test_image_batch_invariance(request, name):
+    model = request.getfixturevalue(name)
+    images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        batch = model.encode_image(images, normalize=True)
+        alone = torch.cat([model.encode_image(images[i : i + 1], normalize=True)
+                           for i in (0, 17, 31)])
+    assert (batch[[0, 17, 31]] - alone).abs().max().item() <= 1e-5
+
+
+def test_normalize_and_forward_logits(vit_b32):
+    images = torch.randn(2, 3, 224, 224)
+    tokens = random_tokens(3, seed=14)
+    with torch.no_grad():
+        raw = vit_b32.encode_image(images)
+        unit = vit_b32.encode_image(images, normalize=True)
+        logits_img, logits_txt = vit_b32(images, tokens)
+        txt = vit_b32.encode_text(tokens, normalize=True)
+    assert raw.dtype == torch.float32
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(F.normalize(raw, dim=-1), unit)
+    assert logits_img.shape == (2, 3)
+    torch.testing.assert_close(logits_img, vit_b32.logit_scale.exp() * unit @ txt.t())
+    torch.testing.assert_close(logits_txt, logits_img.t())
+
+
+def test_text_accepts_already_trimmed_batches(vit_b32):
+    tokens = random_tokens(4, lengths=[3, 4, 5, 6], seed=15)
+    with torch.no_grad():
+        full = vit_b32.encode_text(tokens)
+        short = vit_b32.encode_text(tokens[:, :6])
+    torch.testing.assert_close(full, short, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["vit_b32", "rn50"])
+def test_bf16_stays_close_to_fp32(request, name):
+    model = request.getfixturevalue(name)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(16))
+    tokens = random_tokens(2, seed=16)
+    half = random_clip(model.config, seed=1 if name == "vit_b32" else 2).to(torch.bfloat16)
+    with torch.no_grad():
+        for a, b in [
+            (model.encode_image(images, normalize=True), half.encode_image(images, normalize=True)),
+            (model.encode_text(tokens, normalize=True), half.encode_text(tokens, normalize=True)),
+        ]:
+            assert b.dtype == torch.float32  # embeddings always leave in fp32
+            assert F.cosine_similarity(a, b).min().item() > 0.99
+
+
+def test_layer_norm_runs_in_fp32_under_bf16():
+    from clip_core.layers import LayerNorm
+
+    ln = LayerNorm(1024).to(torch.bfloat16)
+    # Large mean, small spread: bf16 statistics would cancel catastrophically.
+    x = (1000 + torch.randn(4, 1024)).to(torch.bfloat16)
+    expected = F.layer_norm(x.float(), (1024,))
+    assert ln(x).dtype == torch.bfloat16
+    assert (ln(x).float() - expected).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("name", architecture_names())
+def test_every_architecture_builds_loads_its_state_dict_and_runs(name):
+    """Every registry architecture at its real size: state dict -> inferred config -> run."""
+    cfg = load_architecture(name)
+    torch.manual_seed(0)
+    source = CLIP(cfg).eval()
+    model = build_model(Checkpoint(source.state_dict()))
+    assert model.config == cfg  # every hyperparameter read back off the shapes
+    size = cfg.vision.image_size
+    images = torch.randn(1, 3, size, size)
+    tokens = random_tokens(2, lengths=[5, 77])
+    with torch.no_grad():
+        img, txt = model.encode_image(images), model.encode_text(tokens)
+        torch.testing.assert_close(img, source.encode_image(images), rtol=0, atol=0)
+    assert img.shape == (1, cfg.embed_dim) and txt.shape == (2, cfg.embed_dim)
+    assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+
+
+@pytest.mark.gpu
+def test_fp16_cuda_matches_fp32(vit_b32):
+    model = random_clip(vit_b32.config, seed=1).to("cuda", torch.float16)
+    images = torch.randn(8, 3, 224, 224)
+    tokens = random_tokens(8, seed=17)
+    with torch.no_grad():
+        a = vit_b32.encode_image(images, normalize=True)
+        b = model.encode_image(images.cuda(), normalize=True).cpu()
+        c = vit_b32.encode_text(tokens, normalize=True)
+        d = model.encode_text(tokens.cuda(), normalize=True).cpu()
+    assert F.cosine_similarity(a, b).min().item() > 0.999
+    assert F.cosine_similarity(c, d).min().item() > 0.999
+
+
+def test_packed_and_padded_text_paths_agree(vit_b32, monkeypatch):
+    import clip_core.model as model_module
+
+    tokens = random_tokens(6, lengths=[2, 4, 9, 30, 31, 77], seed=18)
+    with torch.no_grad():
+        monkeypatch.setattr(model_module, "_PACK_BELOW", 0.0)  # never pack
+        padded = vit_b32.encode_text(tokens, normalize=True)
+        monkeypatch.setattr(model_module, "_PACK_BELOW", 2.0)  # always pack
+        packed = vit_b32.encode_text(tokens, normalize=True)
+        same_length = vit_b32.encode_text(random_tokens(3, lengths=[7, 7, 7]), normalize=True)
+    assert (padded - packed).abs().max().item() <= 1e-6
+    assert torch.isfinite(same_length).all()
