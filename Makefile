@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 
 # Until the HTTP service lands this embeds one text and one image with the default model.
 serve: install
-	$(PY) -m clip_core embed --text "a photo of a red circle" --image-demo
+	$(PY) -m clip_core embed --random-weights --text "a photo of a red circle" --demo-image
 
 lint: install
 	$(PY) -m ruff check .

@@ -69,6 +69,44 @@ class CLIPConfig:
         text = TextConfig(**d.pop("text", {}))
         return cls(vision=vision, text=text, **d)
 
+    @classmethod
+    def from_open_clip(cls, d: dict[str, Any]) -> CLIPConfig:
+        """Our config from an open_clip model JSON (`embed_dim`, `vision_cfg`, `text_cfg`).
+
+        Only the options that describe the towers built here are accepted; anything else
+        (timm or HF towers, layer scale, other pooling...) is refused by name rather than
+        silently built as a different model.
+        """
+        top = set(d) - {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
+        v, t = dict(d["vision_cfg"]), dict(d.get("text_cfg", {}))
+        vis = set(v) - {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+        txt = set(t) - {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+        ratios = {v.get("mlp_ratio", 4), t.get("mlp_ratio", 4)}
+        if top or vis or txt or ratios != {4}:
+            unknown = sorted(top) + [f"vision_cfg.{k}" for k in sorted(vis)]
+            unknown += [f"text_cfg.{k}" for k in sorted(txt)]
+            if ratios != {4}:
+                unknown.append("mlp_ratio != 4")
+            raise ValueError(f"unsupported open_clip options: {', '.join(unknown)}")
+        resnet = isinstance(v["layers"], (list, tuple))
+        width = v["width"]
+        head_width = v.get("head_width", 64)
+        heads = 0 if resnet or head_width == 64 else width // head_width  # 0: OpenAI's rule
+        vision = VisionConfig(
+            kind="resnet" if resnet else "vit",
+            image_size=v["image_size"],
+            width=width,
+            layers=tuple(v["layers"]) if resnet else v["layers"],
+            patch_size=0 if resnet else v["patch_size"],
+            heads=heads,
+        )
+        return cls(
+            embed_dim=d["embed_dim"],
+            vision=vision,
+            text=TextConfig(**{k: x for k, x in t.items() if k != "mlp_ratio"}),
+            act="quick_gelu" if d.get("quick_gelu", False) else "gelu",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["vision"]["layers"] = (

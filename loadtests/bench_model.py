@@ -33,20 +33,28 @@ def short_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choices(WORDS, k=rng.randint(2, 12))) for _ in range(n)]
 
 
-def items_per_second(fn: Callable[[], object], batch: int, min_time: float, repeats: int) -> float:
-    """Median over `repeats` of the rate measured over at least `min_time` seconds each."""
-    fn()  # warm-up: first calls allocate and pick kernels
-    rates = []
+def _rate(fn: Callable[[], object], batch: int, min_time: float) -> float:
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return n * batch / elapsed
+
+
+def compare(
+    ours: Callable[[], object], ref: Callable[[], object], batch: int, min_time: float,
+    repeats: int,
+) -> tuple[float, float]:
+    """Median items/s of each, timed in alternation so drift in a shared machine's speed
+    affects both alike."""
+    ours(), ref()  # warm-up: first calls allocate and pick kernels
+    a, b = [], []
     for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        rates.append(n * batch / elapsed)
-    return statistics.median(rates)
+        a.append(_rate(ours, batch, min_time))
+        b.append(_rate(ref, batch, min_time))
+    return statistics.median(a), statistics.median(b)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timing")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -106,8 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ("image", ours.encode_image, ref.encode_image, pixels),
                 ("text", ours.encode_text, ref.encode_text, ids),
             ):
-                a = items_per_second(run(ours_fn, x), bs, args.min_time, args.repeats)
-                b = items_per_second(run(ref_fn, x), bs, args.min_time, args.repeats)
+                a, b = compare(run(ours_fn, x), run(ref_fn, x), bs, args.min_time, args.repeats)
                 rows.append({"dtype": dname, "batch": bs, "kind": kind, "ours": a,
                              "open_clip": b, "ratio": a / b})
                 print(f"{dname:>5} {kind:>5} batch {bs:>3}: ours {a:8.1f}/s  "

@@ -136,3 +136,46 @@ def test_registry_urls_equal_openai():
         assert entry.sha256 in url
         ref_size = {"RN50x4": 288, "RN50x16": 384, "RN50x64": 448, "ViT-L/14@336px": 336}
         assert entry.preprocess.image_size == ref_size.get(name, 224)
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu", "RN50", "ViT-H-14"])
+def test_open_clip_style_configs_convert(name):
+    import open_clip
+
+    from clip_core.config import CLIPConfig, load_architecture
+
+    cfg = CLIPConfig.from_open_clip(open_clip.get_model_config(name))
+    assert cfg.act == ("quick_gelu" if "quickgelu" in name else "gelu")
+    if name.startswith(("ViT-B-32", "RN50")):
+        # The same shapes as our OpenAI architecture; only the activation may differ.
+        assert cfg.vision == load_architecture(name.removesuffix("-quickgelu")).vision
+    if name == "ViT-H-14":
+        assert cfg.vision.n_heads == 1280 // 80  # open_clip's head_width, not OpenAI's 64
+
+
+@pytest.mark.parametrize("name", ["convnext_base", "ViT-B-16-SigLIP"])
+def test_open_clip_configs_we_do_not_build_are_refused(name):
+    import open_clip
+
+    from clip_core.config import CLIPConfig
+
+    with pytest.raises(ValueError, match="unsupported open_clip options"):
+        CLIPConfig.from_open_clip(open_clip.get_model_config(name))
+
+
+def test_open_clip_gelu_model_from_its_own_config():
+    """open_clip's ViT-M-32 (exact GELU, not in OpenAI's set): config and weights both
+    come from open_clip, and our model built from them agrees."""
+    import open_clip
+
+    from clip_core.config import CLIPConfig
+    from clip_core.model import CLIP
+
+    torch.manual_seed(9)
+    ref = open_clip.create_model("ViT-M-32", pretrained=None).eval()
+    ours = CLIP(CLIPConfig.from_open_clip(open_clip.get_model_config("ViT-M-32"))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    images, tokens = _inputs(224)
+    with torch.no_grad():
+        expected = ref.encode_image(images), ref.encode_text(tokens)
+    _assert_close(_ours(ours, images, tokens), expected)
