@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--open-clip-name", default=None, help="open_clip model (default: NAME-quickgelu)")
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--inputs", default="image,text", help="which towers to time")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timing")
     ap.add_argument("--repeats", type=int, default=5)
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ("image", ours.encode_image, ref.encode_image, pixels),
                 ("text", ours.encode_text, ref.encode_text, ids),
             ):
+                if kind not in args.inputs.split(","):
+                    continue
                 a, b = compare(run(ours_fn, x), run(ref_fn, x), bs, args.min_time, args.repeats)
                 rows.append({"dtype": dname, "batch": bs, "kind": kind, "ours": a,
                              "open_clip": b, "ratio": a / b})
