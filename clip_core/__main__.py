@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     except ClipCoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    json.dump(result, sys.stdout, indent=1)
-    print()
+    # One line per field and per input: readable, and still one JSON document.
+    lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in result.items() if k != "inputs"]
+    inputs = ",\n  ".join(json.dumps(row, ensure_ascii=False) for row in result["inputs"])
+    lines.append(f' "inputs": [\n  {inputs}\n ]')
+    print("{\n" + ",\n".join(lines) + "\n}")
     return 0
 
 

@@ -85,7 +85,9 @@ def load(
             loaded = _random_model(name_or_path, name_or_path, None)
         else:
             if random_weights:
-                loaded = _random_model(entry.name, entry.architecture, entry.preprocess)
+                # Named after the architecture: these are not the entry's weights.
+                name = f"{entry.architecture}-random"
+                loaded = _random_model(name, entry.architecture, entry.preprocess)
             else:
                 file = hub.fetch(
                     entry.url,

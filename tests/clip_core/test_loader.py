@@ -21,7 +21,7 @@ from clip_core.registry import _ALIASES, REGISTRY, ModelEntry, get_entry, regist
 def test_random_weights_for_a_registry_name_keep_its_preprocessing():
     loaded = load("RN50x4", random_weights=True)
     assert loaded.source == "random"
-    assert loaded.name == "openai/RN50x4"
+    assert loaded.name == "RN50x4-random"  # never passed off as OpenAI's weights
     assert loaded.preprocess.image_size == 288
     assert loaded.model.config.vision.image_size == 288
 
