@@ -1,0 +1,118 @@
+"""A thread-safe LRU of text embeddings keyed by (model, text).
+
+Zero-shot classification embeds the same label prompts on every request; with this cache
+they are embedded once per model and each request costs only its image encodes.
+
+    lookup = cache.lookup(model, texts)
+    computed = await embed(lookup.missing)      # each distinct missing text once
+    values = cache.complete(lookup, computed)   # one value per text, in order
+
+Values are opaque. The key holds whatever makes an embedding differ, so a caller whose
+embeddings depend on an option (truncation, say) folds it into `model`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int  # text occurrences served from the cache
+    misses: int  # distinct texts that had to be computed
+    size: int
+    capacity: int
+
+
+@dataclass
+class CacheLookup:
+    """What `EmbeddingCache.lookup` found: the cached values and the texts left to compute."""
+
+    model: Hashable
+    texts: list[str]
+    found: dict[str, Any]
+    missing: list[str] = field(default_factory=list)  # distinct, in first-seen order
+
+
+class EmbeddingCache:
+    """LRU bounded by entry count; `capacity=0` disables caching but keeps deduplication."""
+
+    def __init__(self, capacity: int):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, model: Hashable, text: str) -> Any | None:
+        """The cached value, refreshed as most recently used, or None. Counts a hit or miss."""
+        key = (model, text)
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self._misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self._hits += 1
+            return value
+
+    def put(self, model: Hashable, text: str, value: Any) -> None:
+        if value is None:
+            raise ValueError("None cannot be cached; it means 'absent'")
+        if self.capacity == 0:
+            return
+        key = (model, text)
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def lookup(self, model: Hashable, texts: Sequence[str]) -> CacheLookup:
+        """Split `texts` into cached values and the distinct texts still to compute."""
+        texts = list(texts)
+        found: dict[str, Any] = {}
+        missing: dict[str, None] = {}  # an ordered set
+        with self._lock:
+            for text in texts:
+                if text in found or text in missing:
+                    continue  # a repeat within this call: computed or served once
+                key = (model, text)
+                value = self._entries.get(key)
+                if value is None:
+                    missing[text] = None
+                else:
+                    self._entries.move_to_end(key)
+                    found[text] = value
+            self._hits += sum(1 for t in texts if t in found)
+            self._misses += len(missing)
+        return CacheLookup(model=model, texts=texts, found=found, missing=list(missing))
+
+    def complete(self, lookup: CacheLookup, computed: Sequence[Any]) -> list[Any]:
+        """Store the values computed for `lookup.missing`; one value per text, in order."""
+        if len(computed) != len(lookup.missing):
+            raise ValueError(
+                f"expected {len(lookup.missing)} computed values, got {len(computed)}"
+            )
+        values = dict(lookup.found)
+        for text, value in zip(lookup.missing, computed, strict=True):
+            self.put(lookup.model, text, value)
+            values[text] = value
+        return [values[t] for t in lookup.texts]
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self._hits, self._misses, len(self._entries), self.capacity)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

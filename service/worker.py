@@ -1,0 +1,565 @@
+"""One worker per model: asyncio callers in front, a dedicated thread behind.
+
+Callers on the event loop submit prepared items (pixels, token ids: decoding and
+tokenising happen before an item is queued, overlapping the model). A request with ten
+images is ten items; they may ride in different batches and the request completes when
+all of them have. The worker thread owns the backend and runs one batch at a time, so the
+event loop never blocks; results go back with `loop.call_soon_threadsafe`. The rules it
+applies are in `service.batcher`.
+
+This module imports neither torch nor the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .batcher import (
+    KINDS,
+    MAX_RETRY_AFTER_S,
+    MIN_RETRY_AFTER_S,
+    Backend,
+    BatcherConfig,
+    BatcherEvents,
+    ItemResult,
+    ItemState,
+    Kind,
+    NoEvents,
+    Request,
+    WorkerStats,
+    WorkItem,
+    group_by_length,
+    padded_tokens,
+)
+from .errors import (
+    BatchFailed,
+    DeadlineExceeded,
+    Draining,
+    OutOfMemory,
+    Overloaded,
+    RequestTooLarge,
+    ServiceError,
+    WorkerUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ModelWorker:
+    """Batches items for one model and runs them on a dedicated thread.
+
+    Bound to the event loop that calls `start`; submit from that loop only.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: BatcherConfig | None = None,
+        *,
+        name: str = "model",
+        events: BatcherEvents | None = None,
+    ):
+        self.backend = backend
+        self.config = config or BatcherConfig()
+        self.name = name
+        self._events = events or NoEvents()
+        self._cond = threading.Condition()
+        self._queues: dict[Kind, OrderedDict[int, WorkItem]] = {k: OrderedDict() for k in KINDS}
+        self._queued_tokens = 0  # sum of text costs queued, to tell a full text batch
+        self._outstanding = 0  # admitted, not yet answered (queued + on the model)
+        self._limits: dict[Kind, int] = {
+            "image": self.config.max_batch_size,
+            "text": self.config.max_batch_tokens,
+        }
+        self._ok_since_oom: dict[Kind, int] = dict.fromkeys(KINDS, 0)
+        self._credit: dict[Kind, float] = dict.fromkeys(KINDS, 0.0)
+        self._batches: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()
+        self._rejected = 0
+        self._sec_per_item = 0.0  # moving average, for Retry-After
+        self._seq = itertools.count()
+        self._running = False  # thread started and not ended
+        self._warm = False
+        self._draining = False
+        self._stopping = False
+        self._batch_started: float | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._live: set[Request] = set()  # awaited requests; touched on the loop only
+
+    # ---- lifecycle (event loop) ----
+
+    async def start(self) -> None:
+        """Start the thread and wait for the backend's warm-up; WorkerUnavailable if it fails."""
+        if self._thread is not None:
+            raise RuntimeError(f"worker {self.name} was already started")
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.create_future()
+        self._running = True
+        self._thread = threading.Thread(
+            target=self._main, name=f"model-worker-{self.name}", daemon=True
+        )
+        self._thread.start()
+        await self._started
+
+    @property
+    def ready(self) -> bool:
+        """Warm, running, not draining and not stuck in a batch: fit to take work."""
+        return self._refusal() is None
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work, let accepted work finish within `timeout`, then stop the thread.
+
+        Requests still unanswered at the timeout fail with Draining. True when every
+        accepted request finished and the thread stopped.
+        """
+        end = time.monotonic() + timeout
+        with self._cond:
+            self._draining = True  # also flushes batches held by max_wait_ms
+            self._cond.notify_all()
+        pending = [r.future for r in self._live]
+        finished = True
+        if pending:
+            _, not_done = await asyncio.wait(pending, timeout=max(0.0, end - time.monotonic()))
+            finished = not not_done
+        for req in list(self._live):
+            self._fail(req, Draining(f"model {self.name} shut down before the request finished"),
+                       reason="stopped")
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread.is_alive():
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None, self._thread.join, max(0.0, end - time.monotonic())
+            )
+        return finished and not (self._thread is not None and self._thread.is_alive())
+
+    def stats(self) -> WorkerStats:
+        with self._cond:
+            return WorkerStats(
+                queued={k: len(q) for k, q in self._queues.items()},
+                outstanding=self._outstanding,
+                batch_limits=dict(self._limits),
+                batches=dict(self._batches),
+                dropped=dict(self._dropped),
+                rejected=self._rejected,
+            )
+
+    # ---- submission (event loop) ----
+
+    async def submit(
+        self, kind: Kind, payload: Any, cost: int = 1, *, deadline: float | None = None
+    ) -> ItemResult:
+        (result,) = await self.submit_many(kind, [payload], [cost], deadline=deadline)
+        return result
+
+    async def submit_many(
+        self,
+        kind: Kind,
+        payloads: Sequence[Any],
+        costs: Sequence[int] | None = None,
+        *,
+        deadline: float | None = None,
+        request_id: str | None = None,
+    ) -> list[ItemResult]:
+        """Queue one request's items; their results in order once all are computed.
+
+        `deadline` is a time.monotonic() instant (default: now + default_timeout_s).
+        Raises Overloaded or RequestTooLarge at admission, WorkerUnavailable (Draining)
+        when not serving, DeadlineExceeded, or the error of the first item that failed.
+        Cancelling the awaiting task drops the items not yet on the model.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        n = len(payloads)
+        costs = [1] * n if costs is None else list(costs)
+        if len(costs) != n:
+            raise ValueError(f"{n} payloads but {len(costs)} costs")
+        if any(c < 1 for c in costs):
+            raise ValueError("every cost must be >= 1")
+        if n == 0:
+            return []
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            raise RuntimeError(f"worker {self.name}: submit from the loop that started it")
+        if n > self.config.max_queue_items:
+            raise RequestTooLarge(n, self.config.max_queue_items)
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + self.config.default_timeout_s
+        if deadline <= now:
+            self._count_dropped(kind, "expired", n)
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+
+        req = Request(
+            id=request_id or f"{self.name}-{next(self._seq)}",
+            kind=kind,
+            future=loop.create_future(),
+            results=[None] * n,
+            remaining=n,
+        )
+        with self._cond:
+            error = self._admit(req, payloads, costs, deadline, now)
+            depth = len(self._queues[kind])
+        if error is not None:
+            if isinstance(error, Overloaded):
+                self._emit("rejected", kind, n)
+            raise error
+        self._emit("queue_depth", kind, depth)
+
+        self._live.add(req)
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, req)
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            self._purge(req, "cancelled")
+            raise
+        finally:
+            timer.cancel()
+            self._live.discard(req)
+
+    def _refusal(self) -> WorkerUnavailable | None:
+        if self._draining:
+            return Draining(f"model {self.name} is shutting down")
+        if not self._running:
+            return WorkerUnavailable(f"model {self.name} is not running")
+        if not self._warm:
+            return WorkerUnavailable(f"model {self.name} is warming up")
+        started, limit = self._batch_started, self.config.stall_timeout_s
+        if limit is not None and started is not None and time.monotonic() - started > limit:
+            return WorkerUnavailable(f"model {self.name} is stalled in a batch")
+        return None
+
+    def _admit(
+        self,
+        req: Request,
+        payloads: Sequence[Any],
+        costs: Sequence[int],
+        deadline: float,
+        now: float,
+    ) -> ServiceError | None:
+        """Lock held. Queue every item of `req`, or none of them and say why."""
+        refusal = self._refusal()
+        if refusal is not None:
+            return refusal
+        n = len(payloads)
+        if self._outstanding + n > self.config.max_queue_items:
+            self._rejected += n
+            backlog_s = self._outstanding * self._sec_per_item
+            return Overloaded(min(max(backlog_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))
+        for index, (payload, cost) in enumerate(zip(payloads, costs, strict=True)):
+            item = WorkItem(next(self._seq), req, index, req.kind, payload, cost, deadline, now)
+            req.items.append(item)
+            self._queues[req.kind][item.seq] = item
+            if req.kind == "text":
+                self._queued_tokens += cost
+        self._outstanding += n
+        self._cond.notify()
+        return None
+
+    # ---- completion (event loop) ----
+
+    def _resolve(self, outcomes: list[tuple[WorkItem, ItemResult | ServiceError]]) -> None:
+        for item, outcome in outcomes:
+            req = item.request
+            if req.future.done():
+                continue
+            if isinstance(outcome, ServiceError):
+                self._fail(req, outcome, reason="failed")
+                continue
+            req.results[item.index] = outcome
+            req.remaining -= 1
+            if req.remaining == 0:
+                req.future.set_result(req.results)
+
+    def _expire(self, req: Request) -> None:
+        n = len(req.items)
+        self._fail(req, DeadlineExceeded(
+            f"deadline passed with {req.remaining} of {n} items unfinished"), reason="expired")
+
+    def _fail(self, req: Request, error: ServiceError, reason: str) -> None:
+        if not req.future.done():
+            req.future.set_exception(error)
+        self._purge(req, reason)
+
+    def _fail_all(self, message: str) -> None:
+        for req in list(self._live):
+            self._fail(req, WorkerUnavailable(message), reason="stopped")
+
+    def _purge(self, req: Request, reason: str) -> None:
+        """Close a request and drop its items still queued; those on the model finish unused."""
+        with self._cond:
+            req.closed = True
+            dropped = [it for it in req.items if it.state is ItemState.QUEUED]
+            for item in dropped:
+                self._drop(item, reason)
+            depth = len(self._queues[req.kind])
+        if dropped:
+            self._emit("items_dropped", req.kind, reason, len(dropped))
+            self._emit("queue_depth", req.kind, depth)
+
+    # ---- the worker thread ----
+
+    def _main(self) -> None:
+        try:
+            try:
+                self.backend.warmup()
+            except Exception as err:
+                log.exception("model %s: warm-up failed", self.name)
+                self._post(self._set_started, err)
+                return
+            with self._cond:
+                self._warm = True
+            self._post(self._set_started, None)
+            self._serve()
+        except BaseException:  # the thread ends either way; say so and let nobody wait on it
+            log.critical("model %s: worker thread stopped unexpectedly", self.name, exc_info=True)
+        finally:
+            with self._cond:
+                self._running = False
+                left = {kind: list(queue.values()) for kind, queue in self._queues.items()}
+                for item in itertools.chain(*left.values()):
+                    self._drop(item, "stopped")
+            for kind, items in left.items():
+                if items:
+                    self._emit("items_dropped", kind, "stopped", len(items))
+                    self._emit("queue_depth", kind, 0)
+            self._post(self._fail_all, f"model {self.name} stopped")
+
+    def _set_started(self, error: BaseException | None) -> None:
+        assert self._started is not None
+        if self._started.done():
+            return
+        if error is None:
+            self._started.set_result(None)
+        else:
+            failure = WorkerUnavailable(f"model {self.name} failed to warm up")
+            failure.__cause__ = error
+            self._started.set_exception(failure)
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                step = self._next_batch()
+                if step is None:
+                    return
+                kind, batch, dropped = step
+                depth = len(self._queues[kind])
+            if dropped:
+                self._emit("items_dropped", kind, "expired", len(dropped))
+            self._emit("queue_depth", kind, depth)
+            if batch:
+                self._execute(kind, batch)
+
+    def _next_batch(self) -> tuple[Kind, list[WorkItem], list[WorkItem]] | None:
+        """Wait until a batch is due and take it, with the expired items dropped on the way.
+
+        Holds the lock (waiting releases it). None when the worker is stopping.
+        """
+        while not self._stopping:
+            now = time.monotonic()
+            due: list[Kind] = []
+            wake_at: float | None = None
+            for kind in KINDS:
+                queue = self._queues[kind]
+                if not queue:
+                    continue
+                hold_until = next(iter(queue.values())).enqueued_at + self.config.max_wait_ms / 1e3
+                if hold_until <= now or self._draining or self._full(kind):
+                    due.append(kind)
+                else:
+                    wake_at = hold_until if wake_at is None else min(wake_at, hold_until)
+            if due:
+                kind = due[0] if len(due) == 1 else self._take_turn()
+                batch, dropped = self._take(kind, now)
+                return kind, batch, dropped
+            self._cond.wait(None if wake_at is None else wake_at - now)
+        return None
+
+    def _full(self, kind: Kind) -> bool:
+        if kind == "image":
+            return len(self._queues["image"]) >= self._limits["image"]
+        return self._queued_tokens >= self._limits["text"]
+
+    def _take_turn(self) -> Kind:
+        # Smooth weighted round robin over batches: with image_share 0.5, strict alternation.
+        share: dict[Kind, float] = {"image": self.config.image_share,
+                                    "text": 1 - self.config.image_share}
+        for kind in KINDS:
+            self._credit[kind] += share[kind]
+        kind = max(KINDS, key=self._credit.__getitem__)
+        self._credit[kind] -= 1.0
+        return kind
+
+    def _take(self, kind: Kind, now: float) -> tuple[list[WorkItem], list[WorkItem]]:
+        queue = self._queues[kind]
+        dropped: list[WorkItem] = []
+        if kind == "image":
+            batch: list[WorkItem] = []
+            while queue and len(batch) < self._limits["image"]:
+                item = next(iter(queue.values()))
+                if item.deadline <= now:
+                    self._drop(item, "expired")
+                    dropped.append(item)
+                else:
+                    self._remove(item)
+                    batch.append(item)
+        else:
+            window: list[WorkItem] = []
+            for item in itertools.islice(queue.values(), self.config.length_lookahead):
+                (dropped if item.deadline <= now else window).append(item)
+            for item in dropped:
+                self._drop(item, "expired")
+            batch = group_by_length(window[0], window[1:], self._limits["text"]) if window else []
+            for item in batch:
+                self._remove(item)
+        for item in batch:
+            item.state = ItemState.TAKEN
+            item.taken_at = now
+        return batch, dropped
+
+    def _remove(self, item: WorkItem) -> None:
+        del self._queues[item.kind][item.seq]
+        if item.kind == "text":
+            self._queued_tokens -= item.cost
+
+    def _drop(self, item: WorkItem, reason: str) -> None:
+        """Lock held. A queued item leaves without an answer."""
+        self._remove(item)
+        item.state = ItemState.DROPPED
+        self._outstanding -= 1
+        self._dropped[reason] += 1
+
+    def _execute(self, kind: Kind, batch: list[WorkItem]) -> None:
+        try:
+            self._run_isolated(kind, batch)
+        except Exception:  # a bug in the batcher itself: fail this batch, keep serving
+            log.exception("model %s: unexpected error running a %s batch", self.name, kind)
+            left = [it for it in batch if it.state is ItemState.TAKEN]
+            self._deliver([(it, BatchFailed("internal error while computing")) for it in left])
+
+    def _run_isolated(self, kind: Kind, items: list[WorkItem]) -> None:
+        """Run `items`; on failure retry in smaller pieces so only the culprits fail."""
+        # Items whose caller left or whose sibling failed need no answer. `closed` is read
+        # without the lock: a stale False only computes one unwanted item.
+        self._finish([it for it in items if it.request.closed])
+        items = [it for it in items if not it.request.closed]
+        if not items:
+            return
+        self._batch_started = start = time.monotonic()
+        try:
+            try:
+                values = self.backend.run(kind, [it.payload for it in items])
+            finally:
+                self._batch_started = None
+            if len(values) != len(items):
+                raise RuntimeError(f"backend returned {len(values)} results for {len(items)}")
+        except OutOfMemory as err:
+            self._emit("batch_failed", kind, len(items), type(err).__name__)
+            if len(items) == 1:
+                self._deliver([(items[0], OutOfMemory("the input does not fit in memory"))])
+                return
+            self._shrink(kind, items)
+            while items:  # re-chunk each time: a piece may shrink the limit further
+                chunk = _first_chunk(kind, items, self._limits[kind])
+                self._run_isolated(kind, chunk)
+                items = items[len(chunk):]
+            return
+        except Exception as err:
+            self._emit("batch_failed", kind, len(items), type(err).__name__)
+            if len(items) == 1:
+                log.warning("model %s: a %s item of request %s failed", self.name, kind,
+                            items[0].request.id, exc_info=err)
+                self._deliver([(items[0], BatchFailed(f"the model failed on this {kind}"))])
+                return
+            half = len(items) // 2
+            self._run_isolated(kind, items[:half])
+            self._run_isolated(kind, items[half:])
+            return
+        end = time.monotonic()
+        compute_s = end - start
+        self._succeeded(kind, len(items), compute_s)
+        self._emit("batch_done", kind, len(items), padded_tokens(kind, items), compute_s)
+        self._deliver([
+            (it, ItemResult(v, it.taken_at - it.enqueued_at, end - it.taken_at, len(items)))
+            for it, v in zip(items, values, strict=True)
+        ])
+
+    def _shrink(self, kind: Kind, items: list[WorkItem]) -> None:
+        size = len(items) if kind == "image" else padded_tokens(kind, items)
+        limit = max(1, min(self._limits[kind], size // 2))
+        with self._cond:
+            self._limits[kind] = limit
+            self._ok_since_oom[kind] = 0
+        log.warning("model %s: out of memory on a %s batch of %d; limit now %d %s",
+                    self.name, kind, len(items), limit, "items" if kind == "image" else "tokens")
+
+    def _succeeded(self, kind: Kind, size: int, compute_s: float) -> None:
+        self._sec_per_item = 0.8 * self._sec_per_item + 0.2 * compute_s / size
+        configured = self.config.max_batch_size if kind == "image" else self.config.max_batch_tokens
+        with self._cond:
+            self._batches[kind] += 1
+            limit = self._limits[kind]
+            if limit >= configured:
+                return
+            self._ok_since_oom[kind] += 1
+            if self._ok_since_oom[kind] >= self.config.oom_regrow_batches:
+                self._limits[kind] = min(configured, limit + max(1, limit // 4))
+                self._ok_since_oom[kind] = 0
+
+    def _deliver(self, outcomes: list[tuple[WorkItem, ItemResult | ServiceError]]) -> None:
+        self._finish([item for item, _ in outcomes])
+        self._post(self._resolve, outcomes)
+
+    def _finish(self, items: list[WorkItem]) -> None:
+        """Taken items leave the worker's books: answered, or no longer awaited."""
+        if not items:
+            return
+        with self._cond:
+            for item in items:
+                item.state = ItemState.DONE
+            self._outstanding -= len(items)
+
+    # ---- plumbing ----
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _count_dropped(self, kind: Kind, reason: str, n: int) -> None:
+        with self._cond:
+            self._dropped[reason] += n
+        self._emit("items_dropped", kind, reason, n)
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        try:
+            getattr(self._events, hook)(*args)
+        except Exception:
+            log.exception("batcher event hook %s failed", hook)
+
+
+def _first_chunk(kind: Kind, items: list[WorkItem], limit: int) -> list[WorkItem]:
+    """The longest prefix of `items` within `limit` (items for images, padded tokens for
+    text); at least one item."""
+    if kind == "image":
+        return items[: max(1, limit)]
+    longest = items[0].cost
+    for n, item in enumerate(items[1:], start=2):
+        longest = max(longest, item.cost)
+        if n * longest > limit:
+            return items[: n - 1]
+    return items

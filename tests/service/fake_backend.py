@@ -1,0 +1,113 @@
+"""A backend that obeys the worker's protocol without torch, and records every call.
+
+Each result is `(kind, payload)`, so a test can tell which input produced it. Behaviour
+is chosen per payload (poisoned, hanging, fatal) or per batch (out of memory above a
+size, a fixed sleep), and `pause()` holds every call at its start until `resume()`, so a
+test can fill the queue while the worker is busy and know exactly what is queued.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import OutOfMemory
+
+
+class Poisoned(ValueError):
+    """What the fake model raises on a poisoned payload."""
+
+
+class Fatal(BaseException):
+    """Not an Exception: escapes every `except Exception`, as a bug that kills a thread."""
+
+
+@dataclass(frozen=True)
+class Call:
+    kind: str
+    payloads: tuple[Any, ...]
+    outcome: str  # "ok", "poisoned", "oom", "fatal"
+
+    @property
+    def size(self) -> int:
+        return len(self.payloads)
+
+
+class FakeBackend:
+    def __init__(
+        self,
+        delay_s: float = 0.0,
+        *,
+        poison: Iterable[Any] = (),
+        oom_above: int | None = None,
+        hang_on: Iterable[Any] = (),
+        fatal_on: Iterable[Any] = (),
+    ):
+        self.delay_s = delay_s
+        self.poison = set(poison)
+        self.oom_above = oom_above
+        self.hang_on = set(hang_on)
+        self.fatal_on = set(fatal_on)
+        self.calls: list[Call] = []
+        self.warmed_up = False
+        self.busy = threading.Event()  # set when a call starts
+        self._gate = threading.Event()
+        self._gate.set()
+        self._unhang = threading.Event()
+        self._lock = threading.Lock()
+
+    # ---- the Backend protocol ----
+
+    def warmup(self) -> None:
+        self.warmed_up = True
+
+    def run(self, kind: str, payloads: list[Any]) -> list[Any]:
+        self.busy.set()
+        if not self._gate.wait(timeout=10):
+            raise TimeoutError("FakeBackend was paused and never resumed")
+        if self.oom_above is not None and len(payloads) > self.oom_above:
+            self._record(kind, payloads, "oom")
+            raise OutOfMemory(f"fake: {len(payloads)} > {self.oom_above}")
+        if any(p in self.fatal_on for p in payloads):
+            self._record(kind, payloads, "fatal")
+            raise Fatal("fake: the worker thread dies")
+        if any(p in self.poison for p in payloads):
+            self._record(kind, payloads, "poisoned")
+            raise Poisoned("fake: poisoned input")
+        self._record(kind, payloads, "ok")
+        if any(p in self.hang_on for p in payloads):
+            self._unhang.wait(timeout=10)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return [(kind, p) for p in payloads]
+
+    # ---- test controls ----
+
+    def pause(self) -> None:
+        self._gate.clear()
+
+    def resume(self) -> None:
+        self._gate.set()
+
+    def release_hang(self) -> None:
+        self._unhang.set()
+
+    def _record(self, kind: str, payloads: list[Any], outcome: str) -> None:
+        with self._lock:
+            self.calls.append(Call(kind, tuple(payloads), outcome))
+
+    # ---- views for assertions ----
+
+    @property
+    def batches(self) -> list[Call]:
+        """Calls that returned results."""
+        with self._lock:
+            return [c for c in self.calls if c.outcome == "ok"]
+
+    def seen(self) -> set[Any]:
+        """Every payload that reached the model, whether or not its call succeeded."""
+        with self._lock:
+            return {p for c in self.calls for p in c.payloads}

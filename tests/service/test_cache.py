@@ -1,0 +1,103 @@
+"""The text-embedding LRU: bounded, counted, thread-safe, and each distinct text once."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from service.cache import EmbeddingCache
+
+
+def test_least_recently_used_entry_is_evicted():
+    cache = EmbeddingCache(capacity=2)
+    cache.put("m", "a", 1)
+    cache.put("m", "b", 2)
+    assert cache.get("m", "a") == 1  # "a" is now the most recent
+    cache.put("m", "c", 3)
+    assert len(cache) == 2
+    assert cache.get("m", "b") is None
+    assert cache.get("m", "a") == 1
+    assert cache.get("m", "c") == 3
+
+
+def test_model_is_part_of_the_key():
+    cache = EmbeddingCache(capacity=4)
+    cache.put("vit", "a cat", "v")
+    assert cache.get("rn50", "a cat") is None
+    assert cache.get("vit", "a cat") == "v"
+
+
+def test_lookup_counts_hits_and_misses_and_completes_in_order():
+    cache = EmbeddingCache(capacity=8)
+    first = cache.lookup("m", ["x", "y"])
+    assert first.missing == ["x", "y"] and first.found == {}
+    assert cache.complete(first, ["X", "Y"]) == ["X", "Y"]
+
+    second = cache.lookup("m", ["y", "z", "x"])
+    assert second.missing == ["z"]
+    assert cache.complete(second, ["Z"]) == ["Y", "Z", "X"]
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.size, stats.capacity) == (2, 3, 3, 8)
+
+
+def test_repeated_texts_in_one_call_are_computed_once():
+    cache = EmbeddingCache(capacity=8)
+    lookup = cache.lookup("m", ["a photo of a dog", "a photo of a cat", "a photo of a dog"])
+    assert lookup.missing == ["a photo of a dog", "a photo of a cat"]
+    assert cache.complete(lookup, ["D", "C"]) == ["D", "C", "D"]
+    assert cache.stats().misses == 2
+
+    again = cache.lookup("m", ["a photo of a dog"] * 3)
+    assert again.missing == []
+    assert cache.complete(again, []) == ["D", "D", "D"]
+    assert cache.stats().hits == 3
+
+
+def test_capacity_zero_stores_nothing_but_still_deduplicates():
+    cache = EmbeddingCache(capacity=0)
+    lookup = cache.lookup("m", ["a", "a", "b"])
+    assert lookup.missing == ["a", "b"]
+    assert cache.complete(lookup, [1, 2]) == [1, 1, 2]
+    assert len(cache) == 0
+    assert cache.lookup("m", ["a"]).missing == ["a"]
+
+
+def test_misuse_is_refused():
+    with pytest.raises(ValueError):
+        EmbeddingCache(capacity=-1)
+    cache = EmbeddingCache(capacity=2)
+    with pytest.raises(ValueError):
+        cache.put("m", "a", None)
+    lookup = cache.lookup("m", ["a", "b"])
+    with pytest.raises(ValueError):
+        cache.complete(lookup, [1])
+
+
+def test_concurrent_use_stays_bounded_and_consistent():
+    cache = EmbeddingCache(capacity=50)
+    n_threads, n_ops = 8, 2000
+    errors: list[BaseException] = []
+
+    def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(n_ops):
+                text = f"t{rng.randrange(200)}"
+                lookup = cache.lookup("m", [text])
+                values = cache.complete(lookup, [f"v-{t}" for t in lookup.missing])
+                assert values == [f"v-{text}"]
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not errors
+    assert not any(t.is_alive() for t in threads)
+    stats = cache.stats()
+    assert stats.size <= 50
+    assert stats.hits + stats.misses == n_threads * n_ops
