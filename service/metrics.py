@@ -1,0 +1,109 @@
+"""Every Prometheus metric the service exports, defined here and nowhere else.
+
+Each app gets its own registry, so several apps (tests) can live in one process.
+`WorkerMetrics` plugs the batcher's events into these metrics for one model.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-export)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .batcher import Kind, NoEvents
+
+# Latency buckets from 5 ms to 30 s: CPU requests live at the top, GPU ones at the bottom.
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "clip_requests", "HTTP requests answered", ["endpoint", "model", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "clip_request_latency_seconds", "Time from request to response",
+            ["endpoint"], buckets=_LATENCY, registry=r,
+        )
+        self.items = Counter(
+            "clip_items", "Items embedded by the model", ["model", "modality"], registry=r
+        )
+        self.batch_size = Histogram(
+            "clip_batch_size", "Items per model batch", ["model", "modality"],
+            buckets=_BATCH, registry=r,
+        )
+        self.padded_tokens = Counter(
+            "clip_text_padded_tokens", "Token positions computed for text batches (items x longest)",
+            ["model"], registry=r,
+        )
+        self.queue_depth = Gauge(
+            "clip_queue_depth", "Items waiting for the model", ["model", "modality"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "clip_queue_wait_seconds", "Time an item waited before its batch ran",
+            ["model", "modality"], buckets=_LATENCY, registry=r,
+        )
+        self.compute = Histogram(
+            "clip_compute_seconds", "Model time per batch", ["model", "modality"],
+            buckets=_LATENCY, registry=r,
+        )
+        self.batch_failures = Counter(
+            "clip_batch_failures", "Model batches that raised", ["model", "modality", "error"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "clip_rejected_items", "Items refused at admission (overload)",
+            ["model", "modality"], registry=r,
+        )
+        self.dropped = Counter(
+            "clip_dropped_items", "Items removed before reaching the model",
+            ["model", "modality", "reason"], registry=r,
+        )
+        self.cache_hits = Counter("clip_cache_hits", "Text embeddings served from cache",
+                                  ["model"], registry=r)
+        self.cache_misses = Counter("clip_cache_misses", "Text embeddings computed",
+                                    ["model"], registry=r)
+        self.model_info = Gauge(
+            "clip_model_info", "Loaded models (value 1), with their device and dtype",
+            ["model", "device", "dtype"], registry=r,
+        )
+        self.model_ready = Gauge("clip_model_ready", "1 when the model serves", ["model"],
+                                 registry=r)
+        self.cuda_memory = Gauge(
+            "clip_cuda_memory_allocated_bytes", "CUDA memory held by tensors", ["device"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def for_worker(self, model: str) -> WorkerMetrics:
+        return WorkerMetrics(self, model)
+
+
+class WorkerMetrics(NoEvents):
+    """The batcher's events for one model, recorded as metrics."""
+
+    def __init__(self, metrics: Metrics, model: str):
+        self.m = metrics
+        self.model = model
+
+    def batch_done(self, kind: Kind, size: int, padded_tokens: int, compute_s: float) -> None:
+        self.m.items.labels(self.model, kind).inc(size)
+        self.m.batch_size.labels(self.model, kind).observe(size)
+        self.m.compute.labels(self.model, kind).observe(compute_s)
+        if kind == "text":
+            self.m.padded_tokens.labels(self.model).inc(padded_tokens)
+
+    def batch_failed(self, kind: Kind, size: int, error: str) -> None:
+        self.m.batch_failures.labels(self.model, kind, error).inc()
+
+    def items_dropped(self, kind: Kind, reason: str, n: int) -> None:
+        self.m.dropped.labels(self.model, kind, reason).inc(n)
+
+    def queue_depth(self, kind: Kind, n: int) -> None:
+        self.m.queue_depth.labels(self.model, kind).set(n)
+
+    def rejected(self, kind: Kind, n: int) -> None:
+        self.m.rejected.labels(self.model, kind).inc(n)
