@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Until the HTTP service lands this embeds one text and one image with the default model.
+# Until the shipped default model lands, this serves ViT-B/32 with random weights.
 serve: install
-	$(PY) -m clip_core embed --random-weights --text "a photo of a red circle" --demo-image
+	$(PY) -m service --model ViT-B-32 --random-weights --log-format text
 
 lint: install
 	$(PY) -m ruff check .

@@ -59,9 +59,14 @@ def build_classifier(
     chunks = []
     for i in range(0, len(prompts), batch_size):
         ids = tokenizer(prompts[i : i + batch_size]).ids
-        chunks.append(model.encode_text(ids, normalize=True))
-    emb = torch.cat(chunks).view(len(labels), len(templates), -1)  # (C, T, E)
-    return F.normalize(emb.mean(dim=1), dim=-1)
+        chunks.append(model.encode_text(ids))
+    return combine_prompts(torch.cat(chunks), len(labels))
+
+
+def combine_prompts(prompt_embeddings: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """(C*T, E) label-major prompt embeddings -> (C, E) unit-norm class embeddings."""
+    emb = F.normalize(prompt_embeddings.float(), dim=-1).view(n_labels, -1, prompt_embeddings.shape[-1])
+    return F.normalize(emb.mean(dim=1), dim=-1)  # (C, T, E) -> (C, E)
 
 
 def classify(

@@ -57,3 +57,11 @@ class OutOfMemory(ServiceError):
     The worker reacts by shrinking its batch limit and retrying; a caller sees it only
     when a single item does not fit.
     """
+
+
+class InvalidRequest(ServiceError):
+    """The request is malformed beyond what schema validation catches (bad base64...)."""
+
+
+class UnsupportedMediaType(ServiceError):
+    """A body in a content type the endpoint does not read."""

@@ -1,0 +1,56 @@
+"""`create_app(settings)`: the FastAPI application, its lifespan and middleware."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from .api import errors
+from .api.routes import health, inference
+from .core import Engine
+from .metrics import Metrics
+from .settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = Engine(settings, metrics)
+        app.state.engine = engine
+        try:
+            await engine.start()
+            yield
+        finally:
+            await engine.drain(settings.drain_timeout_s)
+
+    app = FastAPI(
+        title="clip-server",
+        summary="CLIP embeddings, zero-shot labels and image-text similarity",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    errors.install(app)
+    app.include_router(inference)
+    app.include_router(health)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        # Route templates, not raw paths, so unknown URLs cannot grow the label set.
+        endpoint = getattr(route, "path", "unmatched")
+        if endpoint not in ("/metrics", "/healthz", "/readyz"):
+            model = getattr(request.state, "model", "") or ""
+            metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
+            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    return app
