@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -11,8 +12,43 @@ import time
 import uvicorn
 from pydantic import ValidationError
 
-from .app import create_app
+from .app import create_app, drain
 from .settings import Settings
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: readiness off and new requests refused at once, accepted requests
+    answered (up to the drain timeout), and only then uvicorn's own shutdown.
+
+    uvicorn alone would close the listening socket first, so a load balancer that has
+    not yet seen the pod leave would get connection errors instead of a clean 503.
+    """
+
+    def __init__(self, config: uvicorn.Config, app, timeout: float):
+        super().__init__(config)
+        self._app = app
+        self._timeout = timeout
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._draining:  # a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        log.info("signal %d: draining for up to %.0f s", sig, self._timeout)
+        # Signal handlers run between bytecodes of the loop's thread; hand the work to the
+        # loop properly (and wake it) rather than touching it from here.
+        loop = asyncio.get_event_loop()
+        self._draining = True
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            clean = await drain(self._app, self._timeout)
+            log.info("drained %s", "cleanly" if clean else "with requests cut short")
+        finally:
+            self.should_exit = True
 
 
 class JsonLines(logging.Formatter):
@@ -71,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app, settings.drain_timeout_s)
     server.run()
     # uvicorn returns normally on SIGTERM; a failed start (model not loadable) sets started
     # False, and that must be a non-zero exit so orchestrators see it.

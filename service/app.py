@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from .api import errors
+from .api.middleware import Lifecycle, RequestLifecycle
 from .api.routes import health, inference
 from .core import Engine
 from .metrics import Metrics
@@ -17,6 +18,7 @@ from .settings import Settings
 
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
+    lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -26,7 +28,7 @@ def create_app(settings: Settings) -> FastAPI:
             await engine.start()
             yield
         finally:
-            await engine.drain(settings.drain_timeout_s)
+            await drain(app, settings.drain_timeout_s)
 
     app = FastAPI(
         title="clip-server",
@@ -36,6 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
     errors.install(app)
     app.include_router(inference)
     app.include_router(health)
@@ -53,4 +56,20 @@ def create_app(settings: Settings) -> FastAPI:
             metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
 
+    app.add_middleware(RequestLifecycle, lifecycle=lifecycle, metrics=metrics)
     return app
+
+
+async def drain(app: FastAPI, timeout: float) -> bool:
+    """Readiness off and new requests refused at once; answer the accepted ones within
+    `timeout`; then stop the workers. True when nothing accepted was cut short."""
+    end = time.monotonic() + timeout
+    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle.draining = True
+    engine: Engine | None = getattr(app.state, "engine", None)
+    if engine is not None:
+        engine.draining = True
+    answered = await lifecycle.wait_idle(max(0.0, end - time.monotonic()))
+    if engine is not None:
+        await engine.drain(max(0.0, end - time.monotonic()))
+    return answered

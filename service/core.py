@@ -59,6 +59,8 @@ class Engine:
         self.cache = EmbeddingCache(settings.cache_size)
         self.models: dict[str, ServedModel] = {}
         self.default: str | None = None
+        self.draining = False
+        self._drained = False
 
     # ---- lifecycle ----
 
@@ -94,9 +96,15 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return bool(self.models) and all(m.ready for m in self.models.values())
+        return (not self.draining and bool(self.models)
+                and all(m.ready for m in self.models.values()))
 
     async def drain(self, timeout: float) -> None:
+        """Stops every worker after its accepted work (idempotent)."""
+        self.draining = True
+        if self._drained:
+            return
+        self._drained = True
         for m in self.models.values():
             self.metrics.model_ready.labels(m.name).set(0)
         await asyncio.gather(*(m.worker.drain(timeout) for m in self.models.values()))

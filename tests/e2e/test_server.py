@@ -1,0 +1,189 @@
+"""The real server process on 127.0.0.1: concurrent mixed traffic, metrics, disconnects,
+and SIGTERM under load."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import random_clip
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from clip_core.checkpoint import save_checkpoint
+from clip_core.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from clip_core.preprocess import ImageTransform
+from clip_core.tokenizer import Tokenizer
+
+TINY = CLIPConfig(
+    embed_dim=64,
+    vision=VisionConfig(kind="vit", image_size=32, width=128, layers=2, patch_size=8),
+    text=TextConfig(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
+)
+PREP = PreprocessConfig(image_size=32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(seed: int, size=(64, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Server:
+    def __init__(self, checkpoint, *extra: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "CLIP_LOG_FORMAT": "text"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model", str(checkpoint), "--host", "127.0.0.1",
+             "--port", str(self.port), *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError("server did not become ready in 90 s")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_clip(TINY, seed=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("e2e") / "tiny.safetensors"
+    save_checkpoint(model, path, PREP)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    s = Server(checkpoint, "--max-batch-size", "8")
+    yield s
+    assert s.stop() == 0
+
+
+def _metric(url: str, name: str, **labels) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_concurrent_mixed_requests_match_clip_core(server, model):
+    texts = [f"a photo of thing number {i}" for i in range(12)]
+    images = [_png(i) for i in range(12)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            calls = []
+            for i in range(12):
+                calls.append(c.post("/embed", json={"texts": [texts[i]]}))
+                calls.append(c.post("/embed", json={"images": [base64.b64encode(images[i]).decode()]}))
+            calls.append(c.post("/classify", json={
+                "images": [base64.b64encode(b).decode() for b in images[:3]],
+                "labels": ["cat", "dog", "car"]}))
+            calls.append(c.post("/similarity", json={
+                "queries": {"texts": texts[:2]}, "candidates": {"texts": texts[:2]}}))
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(asyncio.wait_for(run(), 60))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    with torch.no_grad():
+        want_t = model.encode_text(Tokenizer()(texts).ids, normalize=True).numpy()
+        t = ImageTransform(PREP)
+        px = torch.stack([t(Image.open(io.BytesIO(b))) for b in images])
+        want_i = model.encode_image(px, normalize=True).numpy()
+    got_t = np.array([responses[2 * i].json()["texts"][0]["embedding"] for i in range(12)])
+    got_i = np.array([responses[2 * i + 1].json()["images"][0]["embedding"] for i in range(12)])
+    np.testing.assert_allclose(got_t, want_t, atol=1e-5)
+    np.testing.assert_allclose(got_i, want_i, atol=1e-5)
+    assert len(responses[-2].json()["results"]) == 3
+    # Batches formed under concurrency, and the scrape shows the traffic.
+    assert _metric(server.url, "clip_items_total", modality="image") >= 15
+    assert _metric(server.url, "clip_requests_total", endpoint="/embed", status="200") >= 24
+    assert _metric(server.url, "clip_batch_size_count") > 0
+
+
+def test_a_client_that_leaves_stops_its_work(server):
+    """A caller that hangs up mid-request: its images are not all computed, the request
+    is counted as 499, and the next caller is served."""
+    items_before = _metric(server.url, "clip_items_total", modality="image")
+    many = [base64.b64encode(_png(100 + i, (400, 300))).decode() for i in range(300)]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/embed", json={"images": many},
+                   timeout=httpx.Timeout(5, read=0.3))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if _metric(server.url, "clip_requests_total", endpoint="/embed", status="499") >= 1:
+            break
+        time.sleep(0.2)
+    assert _metric(server.url, "clip_requests_total", endpoint="/embed", status="499") >= 1
+    time.sleep(1.0)  # anything still running would show up in the item count now
+    computed = _metric(server.url, "clip_items_total", modality="image") - items_before
+    assert computed < 300
+    assert httpx.post(server.url + "/embed", json={"texts": ["still here"]},
+                      timeout=10).status_code == 200
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(checkpoint):
+    server = Server(checkpoint, "--max-batch-size", "4")
+    payload = {"images": [base64.b64encode(_png(i, (320, 240))).decode() for i in range(40)]}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            tasks = [asyncio.create_task(c.post("/embed", json=payload)) for _ in range(6)]
+            await asyncio.sleep(0.5)  # let them be accepted
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            ready = await c.get("/readyz")
+            late = await c.post("/embed", json={"texts": ["too late"]})
+            return await asyncio.gather(*tasks), ready, late
+
+    try:
+        accepted, ready, late = asyncio.run(asyncio.wait_for(run(), 90))
+        assert [r.status_code for r in accepted] == [200] * 6
+        assert ready.status_code == 503
+        assert late.status_code == 503 and late.headers.get("retry-after")
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
