@@ -111,6 +111,14 @@ class Engine:
         for m in self.models.values():
             m.images.close()
 
+    def refresh_gauges(self) -> None:
+        """Values read at scrape time rather than tracked: CUDA memory, readiness."""
+        for m in self.models.values():
+            self.metrics.model_ready.labels(m.name).set(1 if m.ready and not self.draining else 0)
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                self.metrics.cuda_memory.labels(f"cuda:{i}").set(torch.cuda.memory_allocated(i))
+
     def model(self, name: str | None) -> ServedModel:
         if name is None:
             name = self.default
