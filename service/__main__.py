@@ -32,6 +32,11 @@ class DrainingServer(uvicorn.Server):
         self._timeout = timeout
         self._draining = False
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if getattr(self._app.state, "startup_error", None):
+            self.should_exit = True  # the lifespan logged why; main() exits non-zero
+
     def handle_exit(self, sig: int, frame) -> None:
         if self._draining:  # a second signal: stop now
             super().handle_exit(sig, frame)
@@ -109,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     server = DrainingServer(config, app, settings.drain_timeout_s)
     server.run()
-    # uvicorn returns normally on SIGTERM; a failed start (model not loadable) sets started
-    # False, and that must be a non-zero exit so orchestrators see it.
-    return 0 if server.started else 1
+    # uvicorn returns normally on SIGTERM; a model that could not load, or a failed bind,
+    # must be a non-zero exit so orchestrators see it.
+    if getattr(app.state, "startup_error", None) or not server.started:
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+
+from clip_core.errors import ClipCoreError
 
 from .api import errors
 from .api.middleware import Lifecycle, RequestLifecycle
@@ -14,6 +17,8 @@ from .api.routes import health, inference
 from .core import Engine
 from .metrics import Metrics
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -24,8 +29,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = Engine(settings, metrics)
         app.state.engine = engine
+        app.state.startup_error = None
         try:
-            await engine.start()
+            try:
+                await engine.start()
+            except ClipCoreError as e:
+                # One line that says what to fix; clip-serve sees it and exits non-zero.
+                log.error("cannot start: %s", e)
+                app.state.startup_error = str(e)
             yield
         finally:
             await drain(app, settings.drain_timeout_s)

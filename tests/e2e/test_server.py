@@ -187,3 +187,15 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(checkpoin
         assert server.proc.wait(30) == 0
     finally:
         server.stop()
+
+
+def test_a_model_that_cannot_load_exits_non_zero_with_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "--model", "RN50", "--offline", "--cache-dir",
+         str(tmp_path), "--port", str(_free_port()), "--log-format", "text"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines()
+              if "ERROR" in line]
+    assert len(errors) == 1 and "RN50.pt" in errors[0] and "Traceback" not in proc.stderr
