@@ -34,6 +34,7 @@ from ..errors import (
     UnsupportedMediaType,
     WorkerUnavailable,
 )
+from .schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +106,18 @@ def install(app: FastAPI) -> None:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+
+# The error answers every inference route documents in OpenAPI.
+OPENAPI_ERRORS: dict[int | str, dict] = {
+    code: {"model": ErrorBody, "description": kind.replace("_", " ")}
+    for code, kind in ((400, "invalid_request"), (404, "model_not_found"),
+                       (413, "too_many_items"), (415, "unsupported_media_type"),
+                       (422, "invalid_request"), (503, "overloaded"),
+                       (504, "deadline_exceeded"))
+}
+
+
+def not_ready() -> JSONResponse:
+    return JSONResponse(error_body("unavailable", "not ready"), status_code=503,
+                        headers={"Retry-After": "1"})

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from ..core import Engine, ServedModel, unit
 from ..errors import InvalidRequest
 from ..metrics import CONTENT_TYPE
-from .errors import error_body
+from .errors import OPENAPI_ERRORS, not_ready
 from .inputs import decode_image_field
 from .schemas import (
     Classification,
@@ -20,7 +20,6 @@ from .schemas import (
     ClassifyResponse,
     EmbedRequest,
     EmbedResponse,
-    ErrorBody,
     ImageEmbedding,
     Inputs,
     LabelScore,
@@ -30,8 +29,6 @@ from .schemas import (
     SimilarityResponse,
     TextEmbedding,
 )
-
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)}
 
 
 def get_engine(request: Request) -> Engine:
@@ -44,7 +41,7 @@ TimeoutHeader = Annotated[
     Header(alias="X-Request-Timeout", gt=0, le=600, description="seconds; default: server's"),
 ]
 
-inference = APIRouter(responses=_ERRORS)
+inference = APIRouter(responses=OPENAPI_ERRORS)
 health = APIRouter()
 
 
@@ -156,7 +153,7 @@ async def readyz(request: Request) -> Response:
     """Ready when every model is loaded, warmed up and accepting work."""
     engine: Engine | None = getattr(request.app.state, "engine", None)
     if engine is None or not engine.ready:
-        return JSONResponse(error_body("unavailable", "not ready"), status_code=503)
+        return not_ready()
     return JSONResponse({"status": "ready"})
 
 
