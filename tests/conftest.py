@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip_core.config import CLIPConfig, load_architecture
+from clip_core.config import CLIPConfig, TextConfig, VisionConfig, load_architecture
 from clip_core.model import CLIP
+
+# Small but complete shapes: every code path at a fraction of a second per model.
+TINY_VIT = CLIPConfig(
+    embed_dim=64,
+    vision=VisionConfig(kind="vit", image_size=32, width=128, layers=2, patch_size=8),
+    text=TextConfig(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_clip, random_tokens
+from conftest import TINY_VIT, random_clip, random_tokens
 
 from clip_core.checkpoint import (
     Checkpoint,
@@ -20,11 +20,6 @@ from clip_core.errors import CheckpointError
 from clip_core.model import CLIP, infer_config
 
 # Small but complete shapes, so every format can be exercised in well under a second.
-TINY_VIT = CLIPConfig(
-    embed_dim=64,
-    vision=VisionConfig(kind="vit", image_size=32, width=128, layers=2, patch_size=8),
-    text=TextConfig(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
-)
 TINY_RN = CLIPConfig(
     embed_dim=64,
     vision=VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 2, 1, 1), heads=2),

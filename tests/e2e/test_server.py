@@ -17,20 +17,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import random_clip
+from conftest import TINY_VIT, random_clip
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from clip_core.checkpoint import save_checkpoint
-from clip_core.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from clip_core.config import PreprocessConfig
 from clip_core.preprocess import ImageTransform
 from clip_core.tokenizer import Tokenizer
 
-TINY = CLIPConfig(
-    embed_dim=64,
-    vision=VisionConfig(kind="vit", image_size=32, width=128, layers=2, patch_size=8),
-    text=TextConfig(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
-)
+TINY = TINY_VIT
 PREP = PreprocessConfig(image_size=32)
 
 

@@ -8,12 +8,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import random_clip
+from conftest import TINY_VIT, random_clip
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from clip_core.checkpoint import save_checkpoint
-from clip_core.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from clip_core.config import PreprocessConfig
 from clip_core.preprocess import ImageTransform
 from clip_core.tokenizer import Tokenizer
 from clip_core.zeroshot import DEFAULT_TEMPLATES, build_classifier
@@ -22,11 +22,7 @@ from service.app import create_app
 from service.errors import Overloaded
 from service.settings import Settings
 
-TINY = CLIPConfig(
-    embed_dim=64,
-    vision=VisionConfig(kind="vit", image_size=32, width=128, layers=2, patch_size=8),
-    text=TextConfig(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
-)
+TINY = TINY_VIT
 PREP = PreprocessConfig(image_size=32)
 
 

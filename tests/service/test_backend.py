@@ -9,9 +9,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIT
 from PIL import Image
 
-from clip_core.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from clip_core.config import PreprocessConfig
 from clip_core.loader import LoadedModel
 from clip_core.model import CLIP
 from clip_core.preprocess import ImageTransform
@@ -22,11 +23,7 @@ from service.errors import OutOfMemory
 from service.prepare import TextPreparer
 from service.worker import ModelWorker
 
-TINY = CLIPConfig(
-    embed_dim=64,
-    vision=VisionConfig(kind="vit", image_size=32, width=128, layers=2, patch_size=8),
-    text=TextConfig(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
-)
+TINY = TINY_VIT
 PREP = PreprocessConfig(image_size=32)
 TEXTS = [
     "a photo of a cat",
