@@ -1,14 +1,32 @@
-"""Image fields of JSON bodies: base64, raw or as a data URI, into bytes."""
+"""Request bodies, JSON or multipart, into a validated request model and image bytes.
+
+FastAPI parses and validates JSON bodies as usual. A body in any other content type
+reaches the route as raw bytes (`JsonOrRaw`), and `read_body` reads it as a form: the
+fields are assembled into the JSON-equivalent dict and validated by the same model, so
+both encodings fail with the same messages. Image file parts stay raw bytes; only JSON
+(and text form fields) carry base64.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import re
+from dataclasses import dataclass
+from typing import Annotated, Generic, TypeVar
 
-from ..errors import InvalidRequest
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError, WrapValidator
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import InvalidRequest, UnsupportedMediaType
+from .schemas import FormSpec
 
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def decode_image_field(value: str, index: int) -> bytes:
@@ -29,3 +47,92 @@ def decode_image_field(value: str, index: int) -> bytes:
     if not raw:
         raise InvalidRequest(f"image {index}: empty")
     return raw
+
+
+def decode_images(sources: list[bytes | str]) -> list[bytes]:
+    """File bytes as they are, text fields from base64 or a data URI."""
+    out = []
+    for i, s in enumerate(sources):
+        if isinstance(s, str):
+            out.append(decode_image_field(s, i))
+        elif not s:
+            raise InvalidRequest(f"image {i}: empty")
+        else:
+            out.append(s)
+    return out
+
+
+def _raw_passes(value: object, handler):
+    # A non-JSON body arrives as bytes: leave it to read_body instead of failing here.
+    return value if isinstance(value, bytes) else handler(value)
+
+
+# The request model as a JSON body (documented, validated by FastAPI), or the raw bytes
+# of a body in another content type.
+JsonOrRaw = Annotated[M, WrapValidator(_raw_passes)]
+
+
+@dataclass
+class Decoded(Generic[M]):
+    body: M
+    images: dict[str, list[bytes]]  # by dotted path in the body: "images", "queries.images"
+
+
+def _get(obj: object, path: str) -> object:
+    for key in path.split("."):
+        obj = getattr(obj, key)
+    return obj
+
+
+async def read_body(request: Request, raw: M | bytes, model: type[M], form: FormSpec) -> Decoded[M]:
+    if isinstance(raw, BaseModel):
+        images = {p: decode_images(_get(raw, p)) for p in form.image_paths}
+        return Decoded(raw, images)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "multipart/form-data":
+        raise UnsupportedMediaType("the body must be application/json or multipart/form-data")
+    data, sources = await _read_form(request, form)
+    try:
+        body = model.model_validate(data)
+    except ValidationError as e:
+        # Located like FastAPI's own JSON errors, so both encodings read the same.
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+        ) from None
+    return Decoded(body, {p: decode_images(sources[p]) for p in form.image_paths})
+
+
+async def _read_form(request: Request, form: FormSpec) -> tuple[dict, dict[str, list]]:
+    """The JSON-equivalent body, with image files as placeholders, and the image sources."""
+    data: dict = {}
+    sources: dict[str, list[bytes | str]] = {p: [] for p in form.image_paths}
+    try:
+        parts = await request.form()
+    except StarletteHTTPException as e:  # a malformed multipart body
+        raise InvalidRequest(f"multipart body: {e.detail}") from None
+    try:
+        for name, value in parts.multi_items():
+            field = form.fields.get(name)
+            if field is None:
+                data[name] = None  # the model refuses it as an extra field
+                continue
+            if isinstance(value, UploadFile):
+                if not field.image:
+                    raise InvalidRequest(f"form field {name!r} takes text, not a file")
+                value = await value.read()
+            if field.image:
+                sources[field.path].append(value)
+                value = value if isinstance(value, str) else ""  # the model checks the count
+            *parents, key = field.path.split(".")
+            target = data
+            for p in parents:
+                target = target.setdefault(p, {})
+            if field.many:
+                target.setdefault(key, []).append(value)
+            elif key in target:
+                raise InvalidRequest(f"form field {name!r} is given more than once")
+            else:
+                target[key] = value
+    finally:
+        await parts.close()
+    return data, sources

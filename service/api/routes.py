@@ -1,4 +1,8 @@
-"""The endpoints. Each decodes its body, calls the engine, and shapes the response."""
+"""The endpoints. Each decodes its body, calls the engine, and shapes the response.
+
+/embed, /classify and /similarity read JSON or multipart/form-data on the same path
+(see `inputs`); /v1/embeddings speaks OpenAI's JSON only.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,11 @@ from ..core import Engine, ServedModel, unit
 from ..errors import InvalidRequest
 from ..metrics import CONTENT_TYPE
 from .errors import OPENAPI_ERRORS, not_ready
-from .inputs import decode_image_field
+from .inputs import JsonOrRaw, decode_images, read_body
 from .schemas import (
+    CLASSIFY_FORM,
+    EMBED_FORM,
+    SIMILARITY_FORM,
     Classification,
     ClassifyRequest,
     ClassifyResponse,
@@ -25,6 +32,10 @@ from .schemas import (
     LabelScore,
     ModelCard,
     ModelList,
+    OpenAIEmbedding,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+    OpenAIUsage,
     SimilarityRequest,
     SimilarityResponse,
     TextEmbedding,
@@ -51,26 +62,26 @@ def _encode(vectors: np.ndarray, encoding: str) -> list:
     return vectors.tolist()
 
 
-def _images(values: list[str]) -> list[bytes]:
-    return [decode_image_field(v, i) for i, v in enumerate(values)]
-
-
-async def _embed_inputs(engine: Engine, m: ServedModel, inputs: Inputs, deadline: float):
+async def _embed_inputs(engine: Engine, m: ServedModel, inputs: Inputs, images: list[bytes],
+                        deadline: float) -> np.ndarray:
     if inputs.texts:
         emb, _ = await engine.embed_texts(m, inputs.texts, truncate=True, deadline=deadline)
     else:
-        emb = await engine.embed_images(m, _images(inputs.images), deadline)
+        emb = await engine.embed_images(m, images, deadline)
     return unit(emb)
 
 
-@inference.post("/embed", response_model=EmbedResponse)
-async def embed(body: EmbedRequest, engine: EngineDep, request: Request,
+@inference.post("/embed", response_model=EmbedResponse, openapi_extra=EMBED_FORM.openapi())
+async def embed(raw: JsonOrRaw[EmbedRequest], engine: EngineDep, request: Request,
                 timeout: TimeoutHeader = None) -> EmbedResponse:
-    """Embeddings of any mix of texts and images, in the order given."""
+    """Embeddings of any mix of texts and images, in the order given.
+
+    JSON, or multipart/form-data with image files in `images` and repeated `texts`."""
+    decoded = await read_body(request, raw, EmbedRequest, EMBED_FORM)
+    body, images = decoded.body, decoded.images["images"]
     m = engine.model(body.model)
     request.state.model = m.name
     deadline = engine.deadline(timeout)
-    images = _images(body.images)
     texts_out: list[TextEmbedding] = []
     images_out: list[ImageEmbedding] = []
     if body.texts:
@@ -89,16 +100,20 @@ async def embed(body: EmbedRequest, engine: EngineDep, request: Request,
                          encoding=body.encoding, texts=texts_out, images=images_out)
 
 
-@inference.post("/classify", response_model=ClassifyResponse)
-async def classify(body: ClassifyRequest, engine: EngineDep, request: Request,
+@inference.post("/classify", response_model=ClassifyResponse,
+                openapi_extra=CLASSIFY_FORM.openapi())
+async def classify(raw: JsonOrRaw[ClassifyRequest], engine: EngineDep, request: Request,
                    timeout: TimeoutHeader = None) -> ClassifyResponse:
-    """Zero-shot labels per image: softmax of logit_scale x cosine over the labels."""
+    """Zero-shot labels per image: softmax of logit_scale x cosine over the labels.
+
+    JSON, or multipart/form-data with image files in `images` and repeated `labels`."""
+    decoded = await read_body(request, raw, ClassifyRequest, CLASSIFY_FORM)
+    body, images = decoded.body, decoded.images["images"]
     if len(set(body.labels)) != len(body.labels):
         raise InvalidRequest("labels must be distinct")
     m = engine.model(body.model)
     request.state.model = m.name
     deadline = engine.deadline(timeout)
-    images = _images(body.images)
     clf = await engine.classifier(m, body.labels, body.templates, deadline)  # (C, E)
     cosine = unit(await engine.embed_images(m, images, deadline)) @ clf.T  # (N, C)
     logits = m.backend.logit_scale * cosine
@@ -115,18 +130,54 @@ async def classify(body: ClassifyRequest, engine: EngineDep, request: Request,
     return ClassifyResponse(model=m.name, results=results)
 
 
-@inference.post("/similarity", response_model=SimilarityResponse)
-async def similarity(body: SimilarityRequest, engine: EngineDep, request: Request,
+@inference.post("/similarity", response_model=SimilarityResponse,
+                openapi_extra=SIMILARITY_FORM.openapi())
+async def similarity(raw: JsonOrRaw[SimilarityRequest], engine: EngineDep, request: Request,
                      timeout: TimeoutHeader = None) -> SimilarityResponse:
-    """Cosine of every query against every candidate, either modality on either side."""
+    """Cosine of every query against every candidate, either modality on either side.
+
+    JSON, or multipart/form-data with `query_images` or `query_texts`, and
+    `candidate_images` or `candidate_texts`."""
+    decoded = await read_body(request, raw, SimilarityRequest, SIMILARITY_FORM)
+    body = decoded.body
     m = engine.model(body.model)
     request.state.model = m.name
     deadline = engine.deadline(timeout)
-    q = await _embed_inputs(engine, m, body.queries, deadline)
-    c = await _embed_inputs(engine, m, body.candidates, deadline)
+    q = await _embed_inputs(engine, m, body.queries, decoded.images["queries.images"], deadline)
+    c = await _embed_inputs(engine, m, body.candidates, decoded.images["candidates.images"],
+                            deadline)
     cosine = q @ c.T
     return SimilarityResponse(model=m.name, cosine=cosine.tolist(),
                               logits=(m.backend.logit_scale * cosine).tolist())
+
+
+@inference.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse)
+async def openai_embeddings(body: OpenAIEmbeddingRequest, engine: EngineDep, request: Request,
+                            timeout: TimeoutHeader = None) -> OpenAIEmbeddingResponse:
+    """OpenAI-compatible embeddings, unit length as OpenAI's are.
+
+    `modality: "image"` (an extra body field) reads every input as a base64 image or
+    data URI. Texts longer than the model's context are truncated; `prompt_tokens`
+    counts them in full."""
+    items = [body.input] if isinstance(body.input, str) else body.input
+    if not all(isinstance(x, str) for x in items):
+        raise InvalidRequest("token arrays are not supported; send the input as strings")
+    m = engine.model(body.model)
+    request.state.model = m.name
+    dim = m.backend.info.embed_dim
+    if body.dimensions is not None and body.dimensions != dim:
+        raise InvalidRequest(f"dimensions must be {dim} for model {m.name!r}")
+    deadline = engine.deadline(timeout)
+    if body.modality == "image":
+        emb = await engine.embed_images(m, decode_images(items), deadline)
+        tokens = 0
+    else:
+        emb, prep = await engine.embed_texts(m, items, truncate=True, deadline=deadline)
+        tokens = sum(prep.n_tokens)
+    data = [OpenAIEmbedding(index=i, embedding=e)
+            for i, e in enumerate(_encode(unit(emb), body.encoding_format))]
+    return OpenAIEmbeddingResponse(
+        data=data, model=m.name, usage=OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens))
 
 
 @inference.get("/v1/models", response_model=ModelList)

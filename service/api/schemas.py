@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -121,6 +122,51 @@ class SimilarityResponse(BaseModel):
     logits: list[list[float]] = Field(description="logit_scale x cosine, as CLIP defines it")
 
 
+class OpenAIEmbeddingRequest(_Strict):
+    """OpenAI's embeddings request, plus `modality` for images."""
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string or a list of strings; token arrays are refused (400): "
+                    "CLIP reads its own tokens, not OpenAI's"
+    )
+    model: str | None = Field(None, description="a loaded model; default: the first")
+    encoding_format: Encoding = Field("float", description="base64: little-endian float32")
+    dimensions: int | None = Field(None, ge=1, description="if given, the model's dimension")
+    user: str | None = Field(None, description="accepted and ignored")
+    modality: Literal["text", "image"] = Field(
+        "text", description="not OpenAI's: image reads each input as base64 or a data URI"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"input": ["a photo of a cat", "a red circle"]}]},
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> OpenAIEmbeddingRequest:
+        if isinstance(self.input, list) and not self.input:
+            raise ValueError("input must not be empty")
+        return self
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int = Field(description="CLIP tokens, start and end included; 0 for images")
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
 class ModelCard(BaseModel):
     name: str
     dimension: int
@@ -143,3 +189,63 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+# ---- multipart/form-data: the same request models, field by field ----
+
+
+@dataclass(frozen=True)
+class FormField:
+    path: str  # where its values go in the JSON-equivalent body, dotted
+    many: bool = False  # repeatable; the body gets a list
+    image: bool = False  # file parts (raw bytes), or text parts in base64
+    type: str = "string"  # OpenAPI type of one value
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class FormSpec:
+    fields: dict[str, FormField]
+
+    @property
+    def image_paths(self) -> list[str]:
+        return [f.path for f in self.fields.values() if f.image]
+
+    def openapi(self) -> dict:
+        """`openapi_extra` adding the multipart form beside FastAPI's JSON body."""
+        props = {}
+        for name, f in self.fields.items():
+            one = {"type": "string", "format": "binary"} if f.image else {"type": f.type}
+            props[name] = {"type": "array", "items": one} if f.many else one
+        schema: dict = {"type": "object", "properties": props}
+        if required := [n for n, f in self.fields.items() if f.required]:
+            schema["required"] = required
+        return {"requestBody": {"content": {"multipart/form-data": {"schema": schema}}}}
+
+
+_MODEL = FormField("model")
+
+EMBED_FORM = FormSpec({
+    "images": FormField("images", many=True, image=True),
+    "texts": FormField("texts", many=True),
+    "normalize": FormField("normalize", type="boolean"),
+    "encoding": FormField("encoding"),
+    "truncate": FormField("truncate", type="boolean"),
+    "model": _MODEL,
+})
+
+CLASSIFY_FORM = FormSpec({
+    "images": FormField("images", many=True, image=True, required=True),
+    "labels": FormField("labels", many=True, required=True),
+    "templates": FormField("templates", many=True),
+    "top_k": FormField("top_k", type="integer"),
+    "model": _MODEL,
+})
+
+SIMILARITY_FORM = FormSpec({
+    "query_images": FormField("queries.images", many=True, image=True),
+    "query_texts": FormField("queries.texts", many=True),
+    "candidate_images": FormField("candidates.images", many=True, image=True),
+    "candidate_texts": FormField("candidates.texts", many=True),
+    "model": _MODEL,
+})

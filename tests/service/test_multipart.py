@@ -1,0 +1,153 @@
+"""multipart/form-data on /embed, /classify and /similarity equals JSON on the same path."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import random_clip
+from fastapi.testclient import TestClient
+from test_api import PREP, TINY, _b64, _png
+
+from clip_core.checkpoint import save_checkpoint
+from service.app import create_app
+from service.settings import Settings
+
+RED, BLUE = _png((200, 10, 10)), _png((10, 10, 200), (30, 60))
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
+    save_checkpoint(random_clip(TINY, seed=3), path, PREP)
+    with TestClient(create_app(Settings(models=[str(path)], log_format="text"))) as c:
+        yield c
+
+
+def _files(name: str, images: list[bytes]) -> list:
+    return [(name, (f"{i}.png", b, "image/png")) for i, b in enumerate(images)]
+
+
+def _form_only(fields: dict) -> tuple[bytes, dict]:
+    """multipart/form-data with text fields only (httpx would send them urlencoded)."""
+    parts = [(k, v) for k, vs in fields.items() for v in (vs if isinstance(vs, list) else [vs])]
+    body = b"".join(f'--b0\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                    for k, v in parts) + b"--b0--\r\n"
+    return body, {"content-type": "multipart/form-data; boundary=b0"}
+
+
+def _post_form(client, path: str, files: list, data: dict):
+    if files:
+        return client.post(path, files=files, data=data)
+    body, headers = _form_only(data)
+    return client.post(path, content=body, headers=headers)
+
+
+def _ok(r) -> dict:
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_embed_multipart_equals_json(client):
+    as_json = _ok(client.post("/embed", json={
+        "texts": ["a cat", "a dog"], "images": [_b64(RED), _b64(BLUE)],
+        "normalize": False, "encoding": "base64"}))
+    as_form = _ok(client.post(
+        "/embed", files=_files("images", [RED, BLUE]),
+        data={"texts": ["a cat", "a dog"], "normalize": "false", "encoding": "base64"}))
+    assert as_form == as_json
+
+
+def test_embed_multipart_mixes_files_and_base64_fields(client):
+    as_json = _ok(client.post("/embed", json={"images": [_b64(BLUE), _b64(RED)]}))
+    # httpx sends the data fields first, so BLUE is part 0
+    as_form = _ok(client.post("/embed", files=_files("images", [RED]),
+                              data={"images": "data:image/png;base64," + _b64(BLUE)}))
+    assert as_form == as_json
+
+
+def test_classify_multipart_equals_json(client):
+    labels = ["red", "green", "blue"]
+    as_json = _ok(client.post("/classify", json={
+        "images": [_b64(RED), _b64(BLUE)], "labels": labels, "templates": ["a {} thing"],
+        "top_k": 2}))
+    as_form = _ok(client.post("/classify", files=_files("images", [RED, BLUE]), data={
+        "labels": labels, "templates": ["a {} thing"], "top_k": "2", "model": "tiny"}))
+    assert as_form == as_json
+    assert len(as_form["results"][0]["labels"]) == 2
+
+
+def test_similarity_multipart_equals_json(client):
+    as_json = _ok(client.post("/similarity", json={
+        "queries": {"images": [_b64(RED), _b64(BLUE)]},
+        "candidates": {"texts": ["red", "blue", "a dog"]}}))
+    as_form = _ok(client.post("/similarity", files=_files("query_images", [RED, BLUE]),
+                              data={"candidate_texts": ["red", "blue", "a dog"]}))
+    assert as_form == as_json
+    images_both_sides = _ok(client.post(
+        "/similarity",
+        files=_files("query_images", [RED]) + _files("candidate_images", [RED, BLUE])))
+    assert len(images_both_sides["cosine"][0]) == 2
+    assert images_both_sides["cosine"][0][0] == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.parametrize("path", ["/embed", "/classify", "/similarity"])
+def test_other_content_types_are_415(client, path):
+    for headers in ({"content-type": "text/plain"}, {}):
+        r = client.post(path, content=b'{"texts": ["a"]}', headers=headers)
+        assert r.status_code == 415, r.text
+        assert r.json()["error"]["type"] == "unsupported_media_type"
+
+
+def test_a_part_that_is_not_an_image_is_400(client):
+    r = client.post("/embed", files=[("images", ("a.txt", b"hello there", "text/plain"))])
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_image"
+    r = client.post("/embed", files=[("images", ("e.png", b"", "image/png"))])
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("path", "files", "data"),
+    [
+        ("/embed", [], {"normalize": "true"}),  # neither texts nor images
+        ("/classify", _files("images", [RED]), {}),  # no labels
+        ("/classify", [], {"labels": ["a"]}),  # no images
+        ("/similarity", _files("query_images", [RED]), {"model": "tiny"}),  # no candidates
+        ("/embed", [], {"texts": ["a"], "surprise": "1"}),
+        ("/embed", [], {"texts": ["a"], "normalize": "maybe"}),
+    ],
+)
+def test_missing_or_invalid_fields_are_422(client, path, files, data):
+    r = _post_form(client, path, files, data)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["type"] == "invalid_request"
+
+
+def test_text_only_forms_work(client):
+    as_json = _ok(client.post("/embed", json={"texts": ["a", "b"], "truncate": False}))
+    assert _ok(_post_form(client, "/embed", [], {"texts": ["a", "b"], "truncate": "0"})) == as_json
+
+
+def test_errors_read_the_same_in_both_encodings(client):
+    as_json = client.post("/classify", json={"images": [_b64(RED)]}).json()
+    as_form = client.post("/classify", files=_files("images", [RED])).json()
+    assert as_form == as_json and "labels" in as_json["error"]["message"]
+
+
+def test_a_file_in_a_text_field_and_repeated_scalars_are_400(client):
+    r = client.post("/embed", files=[("texts", ("t.txt", b"a cat", "text/plain"))])
+    assert r.status_code == 400
+    r = client.post("/embed", data={"texts": "a", "normalize": ["true", "false"]},
+                    files=_files("images", [RED]))
+    assert r.status_code == 400
+
+
+def test_openapi_documents_both_content_types(client):
+    spec = client.get("/openapi.json").json()
+    for path, required in [("/embed", None), ("/classify", ["images", "labels"]),
+                           ("/similarity", None)]:
+        content = spec["paths"][path]["post"]["requestBody"]["content"]
+        assert content["application/json"]["schema"]["$ref"].startswith("#/components/")
+        form = content["multipart/form-data"]["schema"]
+        assert form.get("required") == required
+        images = "query_images" if path == "/similarity" else "images"
+        assert form["properties"][images]["items"]["format"] == "binary"
