@@ -30,7 +30,14 @@ serve: install
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint
+# tests/deploy run Debian's Prometheus (promtool, and a real scrape of a live server);
+# CI runs as root on a fresh machine, so the first `make test` installs it.
+PROMETHEUS := /usr/bin/prometheus
+$(PROMETHEUS):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+
+test: install lint $(PROMETHEUS)
 	$(PY) -m pytest
 
 bench: install
