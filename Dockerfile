@@ -63,9 +63,10 @@ LABEL org.opencontainers.image.title="clip-server" \
       org.opencontainers.image.licenses="MIT" \
       clip-server.variant="${VARIANT}"
 
-# uid 1000 is taken by the base image's "ubuntu" user.
-RUN userdel --remove ubuntu 2>/dev/null; \
-    groupadd --gid 1000 clip \
+# uid and gid 1000 are taken by the base image's "ubuntu" user and group.
+RUN (userdel --remove ubuntu 2>/dev/null || true) \
+ && (groupdel ubuntu 2>/dev/null || true) \
+ && groupadd --gid 1000 clip \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin clip \
  && mkdir -p /var/cache/clip-server \
  && chown 1000:1000 /var/cache/clip-server
