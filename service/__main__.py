@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**parse_args(argv))
     except ValidationError as e:
-        print(f"clip-serve: invalid settings:\n{e}", file=sys.stderr)
+        # Without the values: one of them may be an API key.
+        problems = "\n".join(f"  {'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
+                             for err in e.errors(include_input=False))
+        print(f"clip-serve: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     configure_logging(settings)
     app = create_app(settings)

@@ -8,14 +8,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-
-from clip_core.errors import ClipCoreError
+from fastapi.middleware.cors import CORSMiddleware
 
 from .api import errors
-from .api.middleware import Lifecycle, RequestLifecycle
+from .api.access import Access
+from .api.middleware import BodyLimit, Lifecycle, RequestLifecycle
 from .api.routes import health, inference
 from .core import Engine
 from .metrics import Metrics
+from .ratelimit import RateLimiter
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             try:
                 await engine.start()
-            except ClipCoreError as e:
+            except Exception as e:
                 # One line that says what to fix; clip-serve sees it and exits non-zero.
+                # A failed warm-up says why in its cause, logged by the worker.
                 log.error("cannot start: %s", e)
                 app.state.startup_error = str(e)
             yield
@@ -54,13 +56,24 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(inference)
     app.include_router(health)
 
+    # Outermost last: CORS, lifecycle, request metrics, access, body cap, the routes.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    limiter = (RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+               if settings.rate_limit_per_s is not None else None)
+    app.add_middleware(Access, keys=settings.api_keys, metrics_auth=settings.metrics_auth,
+                       limiter=limiter)
+
+    known = {getattr(r, "path", None) for router in (inference, health) for r in router.routes}
+
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         start = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
-        # Route templates, not raw paths, so unknown URLs cannot grow the label set.
-        endpoint = getattr(route, "path", "unmatched")
+        # Route templates, not raw paths, so unknown URLs cannot grow the label set. A
+        # request refused before routing (body cap, access) still has a known path.
+        path = request.scope["path"]
+        endpoint = getattr(route, "path", None) or (path if path in known else "unmatched")
         if endpoint not in ("/metrics", "/healthz", "/readyz"):
             model = getattr(request.state, "model", "") or ""
             metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
@@ -68,6 +81,12 @@ def create_app(settings: Settings) -> FastAPI:
         return response
 
     app.add_middleware(RequestLifecycle, lifecycle=lifecycle, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Timeout"],
+            max_age=600,
+        )
     return app
 
 

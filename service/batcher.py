@@ -50,7 +50,10 @@ class BatcherConfig:
     image_share: float = 0.5  # of batches, when both modalities are waiting
     length_lookahead: int = 512  # queued texts considered when grouping by length
     oom_regrow_batches: int = 100  # successful batches before a shrunk limit grows 25%
-    stall_timeout_s: float | None = None  # a batch running longer makes the worker unready
+    # A batch running longer is abandoned: its requests fail (WorkerStalled) and a fresh
+    # thread serves the queue; the stuck one exits when its call returns.
+    stall_timeout_s: float | None = None
+    max_abandoned_threads: int = 2  # stuck threads tolerated before the worker stops
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue_items",
@@ -95,6 +98,9 @@ class BatcherEvents(Protocol):
 
     def batch_failed(self, kind: Kind, size: int, error: str) -> None:
         """A backend call raised; `error` is the exception's class name."""
+
+    def stalled(self, kind: Kind, size: int) -> None:
+        """A batch of `size` items ran past stall_timeout_s; its requests were failed."""
 
     def items_dropped(self, kind: Kind, reason: str, n: int) -> None:
         """Items removed before reaching the model: expired, cancelled, failed, stopped."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from clip_core.errors import ModelNotFound
 from clip_core.loader import load
@@ -22,7 +24,9 @@ from clip_core.zeroshot import DEFAULT_TEMPLATES, combine_prompts, format_prompt
 
 from .backend import ClipBackend
 from .cache import EmbeddingCache
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ModelUnavailable, UrlNotAllowed
+from .fetch import FetchConfig, UrlFetcher
+from .limits import Limits
 from .metrics import Metrics
 from .prepare import ImagePreparer, PreparedTexts, TextPreparer
 from .settings import Settings
@@ -31,6 +35,7 @@ from .worker import ModelWorker
 log = logging.getLogger(__name__)
 
 _CLASSIFIERS_KEPT = 64  # label sets per model; each is (labels, E) floats
+_FETCHES_PER_REQUEST = 8  # image URLs of one request fetched at once
 
 
 @dataclass
@@ -58,46 +63,82 @@ class Engine:
         self.metrics = metrics
         self.cache = EmbeddingCache(settings.cache_size)
         self.models: dict[str, ServedModel] = {}
+        self.unavailable: dict[str, str] = {}  # spec -> why it did not load
         self.default: str | None = None
+        self.limits = Limits.from_settings(settings)
+        self.fetcher: UrlFetcher | None = None
         self.draining = False
         self._drained = False
 
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        """Loads every model and warms it up; raises (and the process exits) on failure."""
+        """Loads every model and warms it up. A model that fails raises (the process
+        exits), or with on_model_load_failure=serve_others is kept out and reported
+        unavailable; a model is served whole or not at all."""
         s = self.settings
+        # Pillow's decompression-bomb warning is an error in this process (the preparer
+        # also checks the size itself, whatever the filters say).
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if s.url_inputs:
+            self.fetcher = UrlFetcher(
+                FetchConfig(tuple(s.url_allow_networks), s.url_connect_timeout_s,
+                            s.url_timeout_s, s.url_max_bytes, s.url_max_redirects),
+                on_outcome=lambda outcome: self.metrics.url_fetches.labels(outcome).inc(),
+            )
         device = s.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = Tokenizer()
-        for spec in s.models:
-            loaded = await asyncio.to_thread(
-                load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
-                offline=s.offline, random_weights=s.random_weights, progress=False,
-            )
-            backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
-            worker = ModelWorker(backend, s.batcher(), name=loaded.name,
-                                 events=self.metrics.for_worker(loaded.name))
-            await worker.start()
-            served = ServedModel(
-                name=loaded.name,
-                backend=backend,
-                worker=worker,
-                images=ImagePreparer(loaded.preprocess, s.prepare_workers),
-                texts=TextPreparer(tokenizer),
-            )
-            self.models[loaded.name] = served
-            self.default = self.default or loaded.name
-            info = backend.info
+        for i, spec in enumerate(s.models):
+            try:
+                served = await self._load(spec, device, tokenizer)
+            except Exception as e:
+                if s.on_model_load_failure == "exit":
+                    raise
+                log.error("model %s failed to load and is unavailable: %s", spec, e)
+                self.unavailable[spec] = str(e)
+                self.metrics.model_ready.labels(spec).set(0)
+                if i == 0:
+                    self.default = spec
+                continue
+            self.models[served.name] = served
+            self.default = self.default or served.name
+            info = served.backend.info
             self.metrics.model_info.labels(info.name, info.device, info.dtype).set(1)
             self.metrics.model_ready.labels(info.name).set(1)
             log.info("model %s ready on %s (%s)", info.name, info.device, info.dtype)
+        if not self.models:  # serve_others with nothing to serve: exit as "exit" would
+            raise ModelUnavailable(f"no model could be loaded ({', '.join(self.unavailable)})")
+
+    async def _load(self, spec: str, device: str, tokenizer: Tokenizer) -> ServedModel:
+        s = self.settings
+        loaded = await asyncio.to_thread(
+            load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
+            offline=s.offline, random_weights=s.random_weights, progress=False,
+        )
+        backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
+        worker = ModelWorker(backend, s.batcher(), name=loaded.name,
+                             events=self.metrics.for_worker(loaded.name))
+        await worker.start()  # WorkerUnavailable when the warm-up fails; nothing is kept
+        images = ImagePreparer(
+            loaded.preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
+            max_frames=s.max_image_frames, formats=s.image_formats,
+            exif_orientation=s.exif_orientation,
+        )
+        return ServedModel(name=loaded.name, backend=backend, worker=worker, images=images,
+                           texts=TextPreparer(tokenizer))
 
     @property
     def ready(self) -> bool:
+        """Every model that loaded serves (those that failed to load are reported apart)."""
         return (not self.draining and bool(self.models)
                 and all(m.ready for m in self.models.values()))
+
+    @property
+    def alive(self) -> bool:
+        """False when a model's worker stopped on its own and will not come back."""
+        return not any(m.worker.failed for m in self.models.values())
 
     async def drain(self, timeout: float) -> None:
         """Stops every worker after its accepted work (idempotent)."""
@@ -110,6 +151,8 @@ class Engine:
         await asyncio.gather(*(m.worker.drain(timeout) for m in self.models.values()))
         for m in self.models.values():
             m.images.close()
+        if self.fetcher is not None:
+            await self.fetcher.aclose()
 
     def refresh_gauges(self) -> None:
         """Values read at scrape time rather than tracked: CUDA memory, readiness."""
@@ -124,7 +167,11 @@ class Engine:
             name = self.default
         served = self.models.get(name) if name is not None else None
         if served is None:
-            raise ModelNotFound(f"model {name!r} is not loaded; loaded: {', '.join(self.models)}")
+            if name in self.unavailable:
+                raise ModelUnavailable("the requested model failed to load and is unavailable")
+            # The caller's name is not echoed; the loaded ones are ours to name.
+            raise ModelNotFound(f"the requested model is not loaded; loaded: "
+                                f"{', '.join(self.models) or 'none'}")
         return served
 
     def deadline(self, timeout_s: float | None) -> float:
@@ -150,6 +197,30 @@ class Engine:
             computed = [r.value for r in results]
         values = self.cache.complete(lookup, computed)
         return np.stack(values).astype(np.float32, copy=False), prepared
+
+    async def load_images(self, sources: list[bytes | str]) -> list[bytes]:
+        """Image bytes, with URL sources fetched (when URL inputs are on) concurrently."""
+        urls = [i for i, s in enumerate(sources) if isinstance(s, str)]
+        if not urls:
+            return sources  # type: ignore[return-value]
+        if self.fetcher is None:
+            raise UrlNotAllowed(f"image {urls[0]}: image URLs are not enabled on this server")
+        fetcher, gate = self.fetcher, asyncio.Semaphore(_FETCHES_PER_REQUEST)
+
+        async def one(i: int) -> bytes:
+            async with gate:
+                return await fetcher.fetch(sources[i], i)  # type: ignore[arg-type]
+
+        tasks = [asyncio.ensure_future(one(i)) for i in urls]
+        try:
+            bodies = await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()  # the first failure stops the rest
+        out = list(sources)
+        for i, body in zip(urls, bodies, strict=True):
+            out[i] = body
+        return out  # type: ignore[return-value]
 
     async def embed_images(
         self, m: ServedModel, images: list[bytes], deadline: float

@@ -65,3 +65,68 @@ class InvalidRequest(ServiceError):
 
 class UnsupportedMediaType(ServiceError):
     """A body in a content type the endpoint does not read."""
+
+
+class EmptyInput(InvalidRequest):
+    """No items at all, or an empty text, label, template or image (0 bytes)."""
+
+
+class TooManyItems(ServiceError):
+    """More items (or form parts) in one request than `max_items_per_request` allows."""
+
+
+class BodyTooLarge(ServiceError):
+    """The request body is over `max_body_bytes`; refused while it was still arriving."""
+
+
+class InputTooLong(ServiceError):
+    """A text over `max_text_chars`, refused before tokenising."""
+
+
+class InvalidText(ServiceError):
+    """A text that is not valid Unicode (lone surrogates can arrive as JSON escapes)."""
+
+
+class ImageTooLarge(ServiceError):
+    """An image over the pixel or frame cap, refused from its header before decoding."""
+
+
+class ImageFormatNotAllowed(ServiceError):
+    """An image in a format outside the allow-list, refused before any decoder runs."""
+
+
+class UrlNotAllowed(ServiceError):
+    """An image URL that is disabled, not http(s), or resolves to a refused address."""
+
+
+class FetchFailed(ServiceError):
+    """An allowed image URL that could not be fetched: timeout, HTTP error, redirects."""
+
+
+class FetchTooLarge(FetchFailed):
+    """An image URL whose body is over `url_max_bytes`."""
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one that is not configured. `presented` says whether one was sent."""
+
+    def __init__(self, presented: bool):
+        self.presented = presented
+        super().__init__("a valid API key is required: 'Authorization: Bearer <key>'"
+                         if not presented else "the API key is not valid")
+
+
+class RateLimited(ServiceError):
+    """The key's request rate is over its limit."""
+
+    def __init__(self, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(f"rate limit reached; retry after {max(1, round(retry_after))} s")
+
+
+class ModelUnavailable(WorkerUnavailable):
+    """A configured model that failed to load; the others serve."""
+
+
+class BatchStalled(BatchFailed):
+    """The batch ran past the watchdog's `stall_timeout_s`; its requests fail, others go on."""

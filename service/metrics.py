@@ -70,6 +70,18 @@ class Metrics:
         )
         self.model_ready = Gauge("clip_model_ready", "1 when the model serves", ["model"],
                                  registry=r)
+        self.errors = Counter(
+            "clip_errors", "Requests answered with an error, by the error body's type",
+            ["type"], registry=r,
+        )
+        self.url_fetches = Counter(
+            "clip_url_fetches", "Image URL fetches: ok, blocked, too_large, timeout, failed",
+            ["outcome"], registry=r,
+        )
+        self.stalls = Counter(
+            "clip_worker_stalls", "Batches abandoned by the watchdog (stall_timeout_s)",
+            ["model", "modality"], registry=r,
+        )
         self.cuda_memory = Gauge(
             "clip_cuda_memory_allocated_bytes", "CUDA memory held by tensors", ["device"],
             registry=r,
@@ -101,6 +113,9 @@ class WorkerMetrics(NoEvents):
 
     def items_dropped(self, kind: Kind, reason: str, n: int) -> None:
         self.m.dropped.labels(self.model, kind, reason).inc(n)
+
+    def stalled(self, kind: Kind, size: int) -> None:
+        self.m.stalls.labels(self.model, kind).inc()
 
     def queue_depth(self, kind: Kind, n: int) -> None:
         self.m.queue_depth.labels(self.model, kind).set(n)

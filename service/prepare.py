@@ -13,27 +13,74 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clip_core.config import PreprocessConfig
 from clip_core.errors import ImageDecodeError, InvalidInput
 from clip_core.preprocess import DECODE_FORMATS, ImageTransform, open_image
 from clip_core.tokenizer import Tokenizer
 
+from .errors import ImageFormatNotAllowed, ImageTooLarge
+
+log = logging.getLogger(__name__)
+
 # 8192 x 8192: a 50-megapixel photo passes; a decoded image is at most ~256 MB as RGBA,
 # and the pool decodes at most max_workers of them at once.
 DEFAULT_MAX_PIXELS = 1 << 26
+DEFAULT_MAX_FRAMES = 256
 
 ImageBytes = bytes | bytearray | memoryview
 
+# Leading bytes of every format that may be allowed. Only the sniffed format's plugin
+# is handed to Pillow, so bytes that merely claim a format reach no other decoder.
+_SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
+    ("JPEG", (b"\xff\xd8\xff",)),
+    ("PNG", (b"\x89PNG\r\n\x1a\n",)),
+    ("GIF", (b"GIF87a", b"GIF89a")),
+    ("BMP", (b"BM",)),
+    ("TIFF", (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")),  # classic and BigTIFF
+)
+# Formats recognised only to name them when refusing them.
+_REFUSED: tuple[tuple[str, tuple[bytes, ...]], ...] = (
+    ("PDF", (b"%PDF",)),
+    ("EPS", (b"%!PS", b"\xc5\xd0\xd3\xc6")),
+    ("PSD", (b"8BPS",)),
+    ("FITS", (b"SIMPLE  =",)),
+    ("ICO", (b"\x00\x00\x01\x00",)),
+    ("SVG", (b"<svg", b"<?xml")),
+    ("JPEG 2000", (b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")),
+)
+_EXIF_ORIENTATION = 0x0112
+
+
+def sniff(data: ImageBytes) -> str | None:
+    """The image format the leading bytes announce ("PNG", "PDF"...), or None."""
+    head = bytes(data[:16])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp":
+        return "HEIF/AVIF"
+    for name, magics in (*_SIGNATURES, *_REFUSED):
+        if head.startswith(magics):
+            return name
+    return None
+
 
 class ImagePreparer:
-    """Encoded images -> uint8 (3, S, S) pixel tensors for one preprocessing config."""
+    """Encoded images -> uint8 (3, S, S) pixel tensors for one preprocessing config.
+
+    Before a decoder runs: the format is sniffed from the leading bytes and checked
+    against `formats`; the header alone gives the size and frame count, checked against
+    `max_pixels` (and Pillow's own decompression-bomb limit) and `max_frames`. Multi-frame
+    images give their first frame. With `exif_orientation`, a photo is turned upright as
+    its EXIF tag says, before resizing.
+    """
 
     def __init__(
         self,
@@ -41,7 +88,9 @@ class ImagePreparer:
         max_workers: int = 2,
         *,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_frames: int = DEFAULT_MAX_FRAMES,
         formats: Sequence[str] = DECODE_FORMATS,
+        exif_orientation: bool = False,
     ):
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
@@ -50,15 +99,17 @@ class ImagePreparer:
         self.transform = ImageTransform(preprocess)
         self.max_workers = max_workers
         self.max_pixels = max_pixels
-        self.formats = tuple(formats)
+        self.max_frames = max_frames
+        self.formats = tuple(f.upper() for f in formats)
+        self.exif_orientation = exif_orientation
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="prepare-image")
 
     async def prepare(self, images: Sequence[ImageBytes]) -> list[torch.Tensor]:
         """One uint8 (3, S, S) tensor per image, in order.
 
-        The first failure (lowest index among those seen) is raised as ImageDecodeError or
-        InvalidInput naming the image, and images not yet started are not decoded.
-        Cancelling the caller likewise drops the queued ones.
+        The first failure (lowest index among those seen) is raised as ImageDecodeError,
+        InvalidInput, ImageTooLarge or ImageFormatNotAllowed naming the image, and images
+        not yet started are not decoded. Cancelling the caller likewise drops the queued ones.
         """
         if not images:
             return []
@@ -77,34 +128,68 @@ class ImagePreparer:
                 f.cancel()  # no-op when done; a running decode finishes, unused
 
     def prepare_one(self, index: int, data: ImageBytes) -> torch.Tensor:
-        """Blocking: decode, resize and crop image `index` of a request."""
+        """Blocking: check, decode, orient, resize and crop image `index` of a request."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"image {index} is {type(data).__name__}, expected bytes")
         try:
-            self._check_size(data)
-            with open_image(data, formats=self.formats) as image:
-                return self.transform.pixels(image)
+            fmt = self._check_format(data)
+            self._check_header(data, fmt)
+            with open_image(data, formats=[fmt]) as image:
+                return self.transform.pixels(self._upright(image))
         except ImageDecodeError as err:
             raise _indexed(ImageDecodeError, index, err) from err
         except InvalidInput as err:  # no pixels, or a mode that has no RGB
             raise _indexed(InvalidInput, index, err) from err
+        except (ImageTooLarge, ImageFormatNotAllowed) as err:
+            raise type(err)(f"image {index}: {err}") from None
 
     def close(self) -> None:
         """Stop the pool; queued decodes are dropped."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _check_size(self, data: ImageBytes) -> None:
-        """Refuse an image over max_pixels from its header, before decoding it."""
-        if self.max_pixels is None:
-            return
+    def _check_format(self, data: ImageBytes) -> str:
+        if len(data) == 0:
+            raise ImageDecodeError("the image is empty (0 bytes)")
+        fmt = sniff(data)
+        if fmt is None:
+            raise ImageDecodeError(f"the data is not an image in an accepted format "
+                                   f"({', '.join(self.formats)})")
+        if fmt not in self.formats:
+            raise ImageFormatNotAllowed(f"{fmt} images are not accepted; accepted: "
+                                        f"{', '.join(self.formats)}")
+        return fmt
+
+    def _check_header(self, data: ImageBytes, fmt: str) -> None:
+        """Refuse an image over the pixel or frame caps from its header, before decoding."""
         try:
-            with Image.open(io.BytesIO(data), formats=list(self.formats)) as header:
+            with Image.open(io.BytesIO(data), formats=[fmt]) as header:
                 width, height = header.size
+                frames = getattr(header, "n_frames", 1)  # walks frame headers, decodes none
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageTooLarge("the image has too many pixels to decode") from None
         except Exception:
             return  # not readable: open_image says why, in its own words
-        if width * height > self.max_pixels:
-            raise ImageDecodeError(f"the image is {width}×{height} pixels; at most "
-                                   f"{self.max_pixels} pixels are accepted")
+        # Pillow's bomb warning, as an error whatever the process's warning filters say.
+        caps = [c for c in (self.max_pixels, Image.MAX_IMAGE_PIXELS) if c]
+        limit = min(caps) if caps else None
+        if limit is not None and width * height > limit:
+            raise ImageTooLarge(f"the image is {width}×{height} pixels; at most {limit} "
+                                f"pixels are accepted")
+        if frames > self.max_frames:
+            raise ImageTooLarge(f"the image has {frames} frames; at most "
+                                f"{self.max_frames} are accepted")
+
+    def _upright(self, image: Image.Image) -> Image.Image:
+        if not self.exif_orientation:
+            return image
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a malformed EXIF block: keep the pixels as stored
+            log.debug("unreadable EXIF block; orientation ignored", exc_info=True)
+            return image
+        if orientation not in range(2, 9):
+            return image
+        return ImageOps.exif_transpose(image)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,17 @@ The one `Settings` object is passed down; nothing deeper reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .batcher import BatcherConfig
+
+# Decoders that may ever be enabled: common photo formats with well-worn Pillow plugins.
+ALLOWED_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
 class Settings(BaseSettings):
@@ -33,7 +37,9 @@ class Settings(BaseSettings):
     max_queue_items: int = Field(1024, ge=1)
     max_wait_ms: float = Field(0.0, ge=0)
     request_timeout_s: float = Field(30.0, gt=0)
-    stall_timeout_s: float | None = Field(None, gt=0)
+    # Watchdog: a batch running longer fails its requests and the worker carries on with
+    # a fresh thread (see ModelWorker). Generous: a legitimate CPU batch takes seconds.
+    stall_timeout_s: float | None = Field(120.0, gt=0)
 
     cache_size: int = Field(10_000, ge=0)  # text embeddings kept, per process
     prepare_workers: int = Field(2, ge=1)  # threads decoding and resizing images
@@ -44,8 +50,42 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "info"
     drain_timeout_s: float = Field(20.0, ge=0)
+    # exit: a model that cannot load ends the process (exit 1). serve_others: it is
+    # reported unavailable (503 to its requests) and the other models serve.
+    on_model_load_failure: Literal["exit", "serve_others"] = "exit"
 
-    @field_validator("models", mode="before")
+    # Request limits (README "Security"). Sizes are bytes, text lengths characters.
+    max_body_bytes: int = Field(32 * 2**20, ge=1024)
+    max_items_per_request: int = Field(256, ge=1)  # texts + images (+ labels x templates)
+    max_form_parts: int = Field(512, ge=1)  # multipart parts, files and fields each
+    max_text_chars: int = Field(8192, ge=1)  # per text, label or template, before tokenising
+    max_image_pixels: int = Field(1 << 26, ge=1)  # width x height, read from the header
+    max_image_frames: int = Field(256, ge=1)  # animated/multi-page: only frame 0 is used
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+    # Browsers and phones show photos turned by their EXIF orientation; classify what a
+    # viewer sees. False reproduces openai/open_clip preprocessing, which ignores the tag.
+    exif_orientation: bool = True
+
+    # Image URLs in place of base64: off unless enabled. Private, loopback, link-local and
+    # other non-global addresses are refused unless listed in url_allow_networks.
+    url_inputs: bool = False
+    url_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    url_connect_timeout_s: float = Field(3.0, gt=0)
+    url_timeout_s: float = Field(10.0, gt=0)  # the whole fetch, redirects included
+    url_max_bytes: int = Field(16 * 2**20, ge=1)
+    url_max_redirects: int = Field(3, ge=0)
+
+    # Access. With api_keys set, every route but /healthz, /readyz (and /metrics unless
+    # metrics_auth) needs `Authorization: Bearer <key>`. CLIP_API_KEYS: comma-separated.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    metrics_auth: bool = False
+    rate_limit_per_s: float | None = Field(None, gt=0)  # requests per second, per key
+    rate_limit_burst: int = Field(10, ge=1)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("models", "image_formats", "url_allow_networks", "api_keys",
+                     "cors_origins", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
@@ -61,6 +101,35 @@ class Settings(BaseSettings):
         if len(set(value)) != len(value):
             raise ValueError("a model is listed twice")
         return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def _formats(cls, value: list[str]) -> list[str]:
+        value = [v.upper() for v in value if v]
+        unknown = set(value) - ALLOWED_IMAGE_FORMATS
+        if unknown or not value:
+            raise ValueError(f"image_formats must be a non-empty subset of "
+                             f"{sorted(ALLOWED_IMAGE_FORMATS)}")
+        return value
+
+    @field_validator("url_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(v.strip(), strict=False)) for v in value if v.strip()]
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        value = [v for v in value if v.get_secret_value()]
+        if any(len(v.get_secret_value()) < 16 for v in value):
+            raise ValueError("an API key must have at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _rate_limit_needs_keys(self) -> Settings:
+        if self.rate_limit_per_s is not None and not self.api_keys:
+            raise ValueError("rate_limit_per_s limits each API key; set api_keys too")
+        return self
 
     def batcher(self) -> BatcherConfig:
         return BatcherConfig(

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .batcher import (
@@ -41,6 +42,7 @@ from .batcher import (
 )
 from .errors import (
     BatchFailed,
+    BatchStalled,
     DeadlineExceeded,
     Draining,
     OutOfMemory,
@@ -51,6 +53,20 @@ from .errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class _Abandoned(BaseException):
+    """Unwinds a thread the watchdog gave up on; not an Exception, so no handler eats it."""
+
+
+@dataclass
+class _Running:
+    """The batch the serving thread of generation `gen` is executing."""
+
+    gen: int
+    kind: Kind
+    batch: list[WorkItem]
+    call_started: float | None = None  # a backend call in progress since then
 
 
 class ModelWorker:
@@ -90,7 +106,14 @@ class ModelWorker:
         self._warm = False
         self._draining = False
         self._stopping = False
-        self._batch_started: float | None = None
+        # Watchdog: each serving thread has a generation; a stalled one is abandoned and a
+        # new generation serves. Its own call, when it returns, finds itself stale.
+        self._generation = 0
+        self._current: _Running | None = None
+        self._abandoned = 0  # stuck threads not yet returned
+        self._failed = False  # the serving thread ended without being asked to
+        self._local = threading.local()
+        self._stop_watch = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started: asyncio.Future[None] | None = None
@@ -109,12 +132,21 @@ class ModelWorker:
             target=self._main, name=f"model-worker-{self.name}", daemon=True
         )
         self._thread.start()
+        if self.config.stall_timeout_s is not None:
+            threading.Thread(target=self._watch, name=f"watchdog-{self.name}",
+                             daemon=True).start()
         await self._started
 
     @property
     def ready(self) -> bool:
-        """Warm, running, not draining and not stuck in a batch: fit to take work."""
+        """Warm, running and not draining: fit to take work."""
         return self._refusal() is None
+
+    @property
+    def failed(self) -> bool:
+        """The worker stopped serving on its own (its thread died, or too many got stuck)
+        and will not recover: a reason to restart the process."""
+        return self._failed
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work, let accepted work finish within `timeout`, then stop the thread.
@@ -137,6 +169,7 @@ class ModelWorker:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._stop_watch.set()
         if self._thread is not None and self._thread.is_alive():
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
@@ -234,13 +267,10 @@ class ModelWorker:
     def _refusal(self) -> WorkerUnavailable | None:
         if self._draining:
             return Draining(f"model {self.name} is shutting down")
-        if not self._running:
+        if not self._running or self._failed:
             return WorkerUnavailable(f"model {self.name} is not running")
         if not self._warm:
             return WorkerUnavailable(f"model {self.name} is warming up")
-        started, limit = self._batch_started, self.config.stall_timeout_s
-        if limit is not None and started is not None and time.monotonic() - started > limit:
-            return WorkerUnavailable(f"model {self.name} is stalled in a batch")
         return None
 
     def _admit(
@@ -313,31 +343,90 @@ class ModelWorker:
 
     # ---- the worker thread ----
 
-    def _main(self) -> None:
+    def _main(self, gen: int = 0) -> None:
+        """A serving thread: generation 0 warms the backend up first."""
+        self._local.gen = gen
         try:
-            try:
-                self.backend.warmup()
-            except Exception as err:
-                log.exception("model %s: warm-up failed", self.name)
-                self._post(self._set_started, err)
-                return
-            with self._cond:
-                self._warm = True
-            self._post(self._set_started, None)
+            if gen == 0:
+                try:
+                    self.backend.warmup()
+                except Exception as err:
+                    log.exception("model %s: warm-up failed", self.name)
+                    self._post(self._set_started, err)
+                    return
+                with self._cond:
+                    self._warm = True
+                self._post(self._set_started, None)
             self._serve()
+        except _Abandoned:
+            pass
         except BaseException:  # the thread ends either way; say so and let nobody wait on it
             log.critical("model %s: worker thread stopped unexpectedly", self.name, exc_info=True)
         finally:
+            self._thread_ended(gen)
+
+    def _thread_ended(self, gen: int) -> None:
+        with self._cond:
+            if gen != self._generation:  # an abandoned thread whose call returned at last
+                self._abandoned -= 1
+                log.warning("model %s: a stalled batch returned after all; its thread ends",
+                            self.name)
+                return
+            self._failed = self._warm and not self._stopping
+        self._stop_serving()
+
+    def _stop_serving(self) -> None:
+        """No thread serves any more: drop what is queued, fail who waits."""
+        self._stop_watch.set()
+        with self._cond:
+            self._running = False
+            left = {kind: list(queue.values()) for kind, queue in self._queues.items()}
+            for item in itertools.chain(*left.values()):
+                self._drop(item, "stopped")
+        for kind, items in left.items():
+            if items:
+                self._emit("items_dropped", kind, "stopped", len(items))
+                self._emit("queue_depth", kind, 0)
+        self._post(self._fail_all, f"model {self.name} stopped")
+
+    # ---- the watchdog thread ----
+
+    def _watch(self) -> None:
+        limit = self.config.stall_timeout_s
+        assert limit is not None
+        while not self._stop_watch.wait(min(limit / 4, 1.0)):
             with self._cond:
-                self._running = False
-                left = {kind: list(queue.values()) for kind, queue in self._queues.items()}
-                for item in itertools.chain(*left.values()):
-                    self._drop(item, "stopped")
-            for kind, items in left.items():
-                if items:
-                    self._emit("items_dropped", kind, "stopped", len(items))
-                    self._emit("queue_depth", kind, 0)
-            self._post(self._fail_all, f"model {self.name} stopped")
+                cur = self._current
+                if (cur is None or cur.call_started is None
+                        or time.monotonic() - cur.call_started <= limit):
+                    continue
+                # Give up on the stuck thread: its batch fails, a new generation serves.
+                self._generation += 1
+                self._abandoned += 1
+                self._current = None
+                stuck = [it for it in cur.batch if it.state is ItemState.TAKEN]
+                for item in stuck:
+                    item.state = ItemState.DONE
+                self._outstanding -= len(stuck)
+                give_up = self._abandoned > self.config.max_abandoned_threads
+                if give_up:
+                    self._failed = True
+                gen = self._generation
+            log.error("model %s: a %s batch of %d ran past %g s; its requests fail%s",
+                      self.name, cur.kind, len(cur.batch), limit,
+                      "; too many stuck threads, the model stops serving" if give_up
+                      else "; a new thread serves the queue")
+            self._emit("stalled", cur.kind, len(stuck))
+            error = BatchStalled(f"the model did not finish this {cur.kind} batch within "
+                                 f"{limit:g} s")
+            self._post(self._resolve, [(it, error) for it in stuck])
+            if give_up:
+                self._stop_serving()
+                return
+            thread = threading.Thread(target=self._main, args=(gen,),
+                                      name=f"model-worker-{self.name}-{gen}", daemon=True)
+            self._thread = thread
+            thread.start()
 
     def _set_started(self, error: BaseException | None) -> None:
         assert self._started is not None
@@ -351,8 +440,11 @@ class ModelWorker:
             self._started.set_exception(failure)
 
     def _serve(self) -> None:
+        gen = self._local.gen
         while True:
             with self._cond:
+                if gen != self._generation:
+                    return
                 step = self._next_batch()
                 if step is None:
                     return
@@ -444,12 +536,19 @@ class ModelWorker:
         self._dropped[reason] += 1
 
     def _execute(self, kind: Kind, batch: list[WorkItem]) -> None:
+        gen = self._local.gen
+        with self._cond:
+            self._current = _Running(gen, kind, batch)
         try:
             self._run_isolated(kind, batch)
         except Exception:  # a bug in the batcher itself: fail this batch, keep serving
             log.exception("model %s: unexpected error running a %s batch", self.name, kind)
             left = [it for it in batch if it.state is ItemState.TAKEN]
             self._deliver([(it, BatchFailed("internal error while computing")) for it in left])
+        finally:
+            with self._cond:
+                if self._current is not None and self._current.gen == gen:
+                    self._current = None
 
     def _run_isolated(self, kind: Kind, items: list[WorkItem]) -> None:
         """Run `items`; on failure retry in smaller pieces so only the culprits fail."""
@@ -459,12 +558,12 @@ class ModelWorker:
         items = [it for it in items if not it.request.closed]
         if not items:
             return
-        self._batch_started = start = time.monotonic()
+        start = self._call_starts()
         try:
             try:
                 values = self.backend.run(kind, [it.payload for it in items])
             finally:
-                self._batch_started = None
+                self._call_ended()  # raises _Abandoned in a thread the watchdog gave up on
             if len(values) != len(items):
                 raise RuntimeError(f"backend returned {len(values)} results for {len(items)}")
         except OutOfMemory as err:
@@ -497,6 +596,20 @@ class ModelWorker:
             (it, ItemResult(v, it.taken_at - it.enqueued_at, end - it.taken_at, len(items)))
             for it, v in zip(items, values, strict=True)
         ])
+
+    def _call_starts(self) -> float:
+        now = time.monotonic()
+        with self._cond:
+            if self._current is not None and self._current.gen == self._local.gen:
+                self._current.call_started = now
+        return now
+
+    def _call_ended(self) -> None:
+        with self._cond:
+            if self._local.gen != self._generation:
+                raise _Abandoned
+            if self._current is not None:
+                self._current.call_started = None
 
     def _shrink(self, kind: Kind, items: list[WorkItem]) -> None:
         size = len(items) if kind == "image" else padded_tokens(kind, items)

@@ -4,7 +4,9 @@ FastAPI parses and validates JSON bodies as usual. A body in any other content t
 reaches the route as raw bytes (`JsonOrRaw`), and `read_body` reads it as a form: the
 fields are assembled into the JSON-equivalent dict and validated by the same model, so
 both encodings fail with the same messages. Image file parts stay raw bytes; only JSON
-(and text form fields) carry base64.
+(and text form fields) carry base64, a data URI or (when enabled) an http(s) URL.
+
+Image sources stay undecoded until the route has checked the request's limits.
 """
 
 from __future__ import annotations
@@ -21,17 +23,22 @@ from pydantic import BaseModel, ValidationError, WrapValidator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InvalidRequest, UnsupportedMediaType
+from ..core import Engine
+from ..errors import EmptyInput, InvalidRequest, TooManyItems, UnsupportedMediaType
 from .schemas import FormSpec
 
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
+_URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")  # base64 never holds ':'
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def decode_image_field(value: str, index: int) -> bytes:
-    """The bytes of one image field; InvalidRequest naming the field, never echoing it."""
+def decode_image_field(value: str, index: int) -> bytes | str:
+    """The bytes of one image field, or the URL it holds (a str, fetched later);
+    InvalidRequest naming the field, never echoing it."""
     data = value
+    if _URL.match(value):
+        return value.strip()
     if value[:5].lower() == "data:":
         m = _DATA_URI.match(value)
         if m is None:
@@ -45,21 +52,26 @@ def decode_image_field(value: str, index: int) -> bytes:
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"image {index}: not valid base64") from None
     if not raw:
-        raise InvalidRequest(f"image {index}: empty")
+        raise EmptyInput(f"image {index} is empty")
     return raw
 
 
-def decode_images(sources: list[bytes | str]) -> list[bytes]:
-    """File bytes as they are, text fields from base64 or a data URI."""
-    out = []
+def decode_images(sources: list[bytes | str]) -> list[bytes | str]:
+    """File bytes as they are, text fields from base64 or a data URI; URLs as str."""
+    out: list[bytes | str] = []
     for i, s in enumerate(sources):
         if isinstance(s, str):
             out.append(decode_image_field(s, i))
         elif not s:
-            raise InvalidRequest(f"image {i}: empty")
+            raise EmptyInput(f"image {i} is empty")
         else:
             out.append(s)
     return out
+
+
+async def load_images(engine: Engine, sources: list[bytes | str]) -> list[bytes]:
+    """Every image's bytes: decoded from base64, or fetched from its URL."""
+    return await engine.load_images(decode_images(sources))
 
 
 def _raw_passes(value: object, handler):
@@ -75,7 +87,9 @@ JsonOrRaw = Annotated[M, WrapValidator(_raw_passes)]
 @dataclass
 class Decoded(Generic[M]):
     body: M
-    images: dict[str, list[bytes]]  # by dotted path in the body: "images", "queries.images"
+    # Undecoded sources by dotted path in the body ("images", "queries.images"): base64
+    # strings, data URIs or URLs from JSON and text fields, bytes from file parts.
+    images: dict[str, list[bytes | str]]
 
 
 def _get(obj: object, path: str) -> object:
@@ -86,8 +100,7 @@ def _get(obj: object, path: str) -> object:
 
 async def read_body(request: Request, raw: M | bytes, model: type[M], form: FormSpec) -> Decoded[M]:
     if isinstance(raw, BaseModel):
-        images = {p: decode_images(_get(raw, p)) for p in form.image_paths}
-        return Decoded(raw, images)
+        return Decoded(raw, {p: list(_get(raw, p)) for p in form.image_paths})
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "multipart/form-data":
         raise UnsupportedMediaType("the body must be application/json or multipart/form-data")
@@ -99,16 +112,22 @@ async def read_body(request: Request, raw: M | bytes, model: type[M], form: Form
         raise RequestValidationError(
             [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
         ) from None
-    return Decoded(body, {p: decode_images(sources[p]) for p in form.image_paths})
+    return Decoded(body, sources)
 
 
 async def _read_form(request: Request, form: FormSpec) -> tuple[dict, dict[str, list]]:
     """The JSON-equivalent body, with image files as placeholders, and the image sources."""
     data: dict = {}
     sources: dict[str, list[bytes | str]] = {p: [] for p in form.image_paths}
+    settings = request.app.state.settings
+    limit = settings.max_form_parts
     try:
-        parts = await request.form()
-    except StarletteHTTPException as e:  # a malformed multipart body
+        # The body cap bounds the whole form; a text part may be as large as it.
+        parts = await request.form(max_files=limit, max_fields=limit,
+                                   max_part_size=settings.max_body_bytes)
+    except StarletteHTTPException as e:  # a malformed multipart body, or too many parts
+        if str(e.detail).startswith("Too many"):
+            raise TooManyItems(f"the form has more than {limit} parts of one kind") from None
         raise InvalidRequest(f"multipart body: {e.detail}") from None
     try:
         for name, value in parts.multi_items():

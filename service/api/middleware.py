@@ -1,4 +1,5 @@
-"""ASGI middleware for the request lifecycle: draining, in-flight counting, disconnects.
+"""ASGI middleware for the request lifecycle: draining, in-flight counting, disconnects;
+and the body size cap, enforced while the body arrives.
 
 Pure ASGI (not BaseHTTPMiddleware) because it must see the raw `receive` channel: once a
 request body has been read, the next message a server sends is `http.disconnect`, and
@@ -14,9 +15,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Draining
+from ..errors import BodyTooLarge, Draining
 from ..metrics import Metrics
-from .errors import to_response
+from .errors import answer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class RequestLifecycle:
             await self.app(scope, receive, send)
             return
         if self.lifecycle.draining:
-            response = to_response(Draining("the server is shutting down; retry elsewhere"))
+            response = answer(scope, Draining("the server is shutting down; retry elsewhere"))
             await response(scope, receive, send)
             return
 
@@ -107,3 +108,62 @@ class RequestLifecycle:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             self.lifecycle.leave()
+
+
+class _Overflow(Exception):
+    """Raised into the app from `receive` when the body passes the cap."""
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes, before it is buffered whole.
+
+    A declared Content-Length over the limit is refused before a byte is read. A chunked
+    (or understated) body is counted as it arrives; at the first byte past the limit,
+    `receive` raises into the app, whatever the app then answers is replaced by the 413,
+    and the rest of the body is never read.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = BodyTooLarge(f"the request body is over {self.limit} bytes")
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await answer(scope, error)(scope, receive, send)
+                return
+
+        seen = 0
+        overflowed = False
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, overflowed
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    overflowed = True
+                    scope["clip.body_overflow"] = True  # the app's answer is not counted
+                    raise _Overflow
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if overflowed:
+                return  # the app's answer to the exception; ours goes instead
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not overflowed:
+                raise
+        if overflowed and not started:
+            del scope["clip.body_overflow"]
+            await answer(scope, error)(scope, receive, send)

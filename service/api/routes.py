@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from ..core import Engine, ServedModel, unit
 from ..errors import InvalidRequest
 from ..metrics import CONTENT_TYPE
-from .errors import OPENAPI_ERRORS, not_ready
-from .inputs import JsonOrRaw, decode_images, read_body
+from .errors import OPENAPI_ERRORS, not_alive, not_ready
+from .inputs import JsonOrRaw, load_images, read_body
 from .schemas import (
     CLASSIFY_FORM,
     EMBED_FORM,
@@ -62,12 +62,12 @@ def _encode(vectors: np.ndarray, encoding: str) -> list:
     return vectors.tolist()
 
 
-async def _embed_inputs(engine: Engine, m: ServedModel, inputs: Inputs, images: list[bytes],
-                        deadline: float) -> np.ndarray:
+async def _embed_inputs(engine: Engine, m: ServedModel, inputs: Inputs,
+                        images: list[bytes | str], deadline: float) -> np.ndarray:
     if inputs.texts:
         emb, _ = await engine.embed_texts(m, inputs.texts, truncate=True, deadline=deadline)
     else:
-        emb = await engine.embed_images(m, images, deadline)
+        emb = await engine.embed_images(m, await load_images(engine, images), deadline)
     return unit(emb)
 
 
@@ -78,7 +78,9 @@ async def embed(raw: JsonOrRaw[EmbedRequest], engine: EngineDep, request: Reques
 
     JSON, or multipart/form-data with image files in `images` and repeated `texts`."""
     decoded = await read_body(request, raw, EmbedRequest, EMBED_FORM)
-    body, images = decoded.body, decoded.images["images"]
+    body, sources = decoded.body, decoded.images["images"]
+    engine.limits.check_count(len(body.texts) + len(sources))
+    engine.limits.check_texts("text", body.texts)
     m = engine.model(body.model)
     request.state.model = m.name
     deadline = engine.deadline(timeout)
@@ -92,8 +94,8 @@ async def embed(raw: JsonOrRaw[EmbedRequest], engine: EngineDep, request: Reques
             for e, n, t in zip(_encode(emb, body.encoding), prep.n_tokens, prep.truncated,
                                strict=True)
         ]
-    if images:
-        emb = await engine.embed_images(m, images, deadline)
+    if sources:
+        emb = await engine.embed_images(m, await load_images(engine, sources), deadline)
         emb = unit(emb) if body.normalize else emb
         images_out = [ImageEmbedding(embedding=e) for e in _encode(emb, body.encoding)]
     return EmbedResponse(model=m.name, dimension=m.backend.info.embed_dim,
@@ -108,12 +110,16 @@ async def classify(raw: JsonOrRaw[ClassifyRequest], engine: EngineDep, request: 
 
     JSON, or multipart/form-data with image files in `images` and repeated `labels`."""
     decoded = await read_body(request, raw, ClassifyRequest, CLASSIFY_FORM)
-    body, images = decoded.body, decoded.images["images"]
+    body, sources = decoded.body, decoded.images["images"]
+    engine.limits.check_count(len(sources) + len(body.labels) + len(body.templates or ()))
+    engine.limits.check_texts("label", body.labels)
+    engine.limits.check_texts("template", body.templates or [])
     if len(set(body.labels)) != len(body.labels):
         raise InvalidRequest("labels must be distinct")
     m = engine.model(body.model)
     request.state.model = m.name
     deadline = engine.deadline(timeout)
+    images = await load_images(engine, sources)
     clf = await engine.classifier(m, body.labels, body.templates, deadline)  # (C, E)
     cosine = unit(await engine.embed_images(m, images, deadline)) @ clf.T  # (N, C)
     logits = m.backend.logit_scale * cosine
@@ -140,6 +146,10 @@ async def similarity(raw: JsonOrRaw[SimilarityRequest], engine: EngineDep, reque
     `candidate_images` or `candidate_texts`."""
     decoded = await read_body(request, raw, SimilarityRequest, SIMILARITY_FORM)
     body = decoded.body
+    engine.limits.check_count(sum(len(v) for v in decoded.images.values())
+                              + len(body.queries.texts) + len(body.candidates.texts))
+    engine.limits.check_texts("query text", body.queries.texts)
+    engine.limits.check_texts("candidate text", body.candidates.texts)
     m = engine.model(body.model)
     request.state.model = m.name
     deadline = engine.deadline(timeout)
@@ -162,6 +172,9 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, engine: EngineDep, req
     items = [body.input] if isinstance(body.input, str) else body.input
     if not all(isinstance(x, str) for x in items):
         raise InvalidRequest("token arrays are not supported; send the input as strings")
+    engine.limits.check_count(len(items))
+    if body.modality == "text":
+        engine.limits.check_texts("input", items)
     m = engine.model(body.model)
     request.state.model = m.name
     dim = m.backend.info.embed_dim
@@ -169,7 +182,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, engine: EngineDep, req
         raise InvalidRequest(f"dimensions must be {dim} for model {m.name!r}")
     deadline = engine.deadline(timeout)
     if body.modality == "image":
-        emb = await engine.embed_images(m, decode_images(items), deadline)
+        emb = await engine.embed_images(m, await load_images(engine, items), deadline)
         tokens = 0
     else:
         emb, prep = await engine.embed_texts(m, items, truncate=True, deadline=deadline)
@@ -183,6 +196,9 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, engine: EngineDep, req
 @inference.get("/v1/models", response_model=ModelList)
 async def models(engine: EngineDep) -> ModelList:
     cards = []
+    for spec in engine.unavailable:
+        cards.append(ModelCard(name=spec, dimension=0, image_size=0, context_length=0,
+                               device="none", dtype="none", status="unavailable"))
     for m in engine.models.values():
         info = m.backend.info
         cards.append(ModelCard(
@@ -194,9 +210,12 @@ async def models(engine: EngineDep) -> ModelList:
 
 
 @health.get("/healthz")
-async def healthz() -> dict:
-    """Liveness: answering at all means the process and its event loop run."""
-    return {"status": "ok"}
+async def healthz(request: Request) -> Response:
+    """Liveness: the event loop answers and no model's worker has stopped for good."""
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is not None and not engine.alive:
+        return not_alive()
+    return JSONResponse({"status": "ok"})
 
 
 @health.get("/readyz")
@@ -205,9 +224,14 @@ async def readyz(request: Request) -> Response:
     engine: Engine | None = getattr(request.app.state, "engine", None)
     if engine is None or not engine.ready:
         return not_ready()
-    return JSONResponse({"status": "ready"})
+    body: dict = {"status": "ready"}
+    if engine.unavailable:  # serve_others: these failed to load; the rest serve
+        body["unavailable"] = sorted(engine.unavailable)
+    return JSONResponse(body)
 
 
-@health.get("/metrics")
+@health.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {}},
+                             "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

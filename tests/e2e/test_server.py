@@ -44,10 +44,10 @@ def _png(seed: int, size=(64, 48)) -> bytes:
 
 
 class Server:
-    def __init__(self, checkpoint, *extra: str):
+    def __init__(self, checkpoint, *extra: str, env: dict[str, str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "CLIP_LOG_FORMAT": "text"}
+        env = {**os.environ, "CLIP_LOG_FORMAT": "text", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--model", str(checkpoint), "--host", "127.0.0.1",
              "--port", str(self.port), *extra],
@@ -90,13 +90,17 @@ def checkpoint(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    s = Server(checkpoint, "--max-batch-size", "8")
+    # 300 large photos in one request (the disconnect test) are ~110 MB of JSON.
+    s = Server(checkpoint, "--max-batch-size", "8", env={"CLIP_MAX_BODY_BYTES": str(256 << 20)})
     yield s
     assert s.stop() == 0
 
 
 def _metric(url: str, name: str, **labels) -> float:
-    text = httpx.get(url + "/metrics", timeout=5).text
+    return _count(httpx.get(url + "/metrics", timeout=5).text, name, **labels)
+
+
+def _count(text: str, name: str, **labels) -> float:
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -168,7 +172,13 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(checkpoin
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             tasks = [asyncio.create_task(c.post("/embed", json=payload)) for _ in range(6)]
-            await asyncio.sleep(0.5)  # let them be accepted
+            # Let them be accepted: on a loaded machine 0.5 s may not be enough to send
+            # six 40-image bodies, so wait until the model is working on them.
+            for _ in range(200):
+                await asyncio.sleep(0.1)
+                if _count((await c.get("/metrics")).text, "clip_batch_size_count") > 0:
+                    break
+            await asyncio.sleep(0.3)
             server.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.2)
             ready = await c.get("/readyz")

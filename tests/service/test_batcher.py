@@ -20,6 +20,7 @@ from fake_backend import FakeBackend
 from service.batcher import BatcherConfig, ItemResult, NoEvents, group_by_length
 from service.errors import (
     BatchFailed,
+    BatchStalled,
     DeadlineExceeded,
     Draining,
     OutOfMemory,
@@ -35,6 +36,17 @@ def run(test: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
         return await asyncio.wait_for(test(), timeout)
 
     return asyncio.run(bounded())
+
+
+class StallRecorder(NoEvents):
+    def __init__(self) -> None:
+        self.stalls: list[tuple[Any, ...]] = []
+
+    def stalled(self, kind, size):
+        self.stalls.append((kind, size))
+
+    def of(self, name: str) -> list[tuple[Any, ...]]:
+        return list(self.stalls) if name == "stalled" else []
 
 
 class Recorder(NoEvents):
@@ -524,18 +536,43 @@ def test_a_dead_worker_thread_is_not_ready_and_fails_fast():
     run(scenario)
 
 
-def test_a_stalled_batch_turns_readiness_off_until_it_ends():
+def test_a_stalled_batch_fails_alone_and_a_fresh_thread_serves():
+    """The watchdog: a batch past stall_timeout_s fails its requests, the queue is served
+    by a new thread at once, and the stuck call's late result is thrown away."""
     backend = FakeBackend(hang_on={"slow"})
+    events = StallRecorder()
 
     async def scenario():
-        async with serving(backend, stall_timeout_s=0.05) as worker:
+        async with serving(backend, events, stall_timeout_s=0.1) as worker:
             slow = asyncio.create_task(worker.submit("image", "slow"))
-            await until(lambda: not worker.ready)
-            with pytest.raises(WorkerUnavailable):
-                await worker.submit("image", "meanwhile")
+            await until(backend.busy.is_set)
+            start = time.perf_counter()
+            with pytest.raises(BatchStalled):
+                await slow
+            assert time.perf_counter() - start < 2.0
+            assert worker.ready and not worker.failed
+            assert (await worker.submit("image", "next")).value == ("image", "next")
+            assert events.of("stalled") == [("image", 1)]
             backend.release_hang()
-            assert (await slow).value == ("image", "slow")
-            assert worker.ready
+            await asyncio.sleep(0.1)  # the stuck thread returns and ends quietly
+            assert (await worker.submit("text", "after", 3)).value == ("text", "after")
+            assert worker.stats().outstanding == 0
+
+    run(scenario)
+
+
+def test_too_many_stuck_threads_stop_the_worker_for_good():
+    backend = FakeBackend(hang_on={"s1", "s2"})
+
+    async def scenario():
+        async with serving(backend, stall_timeout_s=0.05, max_abandoned_threads=1) as worker:
+            for payload in ("s1", "s2"):
+                with pytest.raises(BatchStalled):
+                    await worker.submit("image", payload)
+            await until(lambda: worker.failed)
+            assert not worker.ready
+            with pytest.raises(WorkerUnavailable):
+                await worker.submit("image", "after")
 
     run(scenario)
 

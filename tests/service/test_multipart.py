@@ -101,8 +101,9 @@ def test_a_part_that_is_not_an_image_is_400(client):
     r = client.post("/embed", files=[("images", ("a.txt", b"hello there", "text/plain"))])
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_image"
+    # An empty file is an empty input: 422, as an empty text or an empty list is.
     r = client.post("/embed", files=[("images", ("e.png", b"", "image/png"))])
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request"
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request"
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from clip_core.config import PreprocessConfig
 from clip_core.errors import ImageDecodeError, TextTooLong
 from clip_core.preprocess import ImageTransform, open_image
 from clip_core.tokenizer import Tokenizer
+from service.errors import ImageTooLarge
 from service.prepare import ImagePreparer, TextPreparer
 
 PREP = PreprocessConfig(image_size=32)
@@ -82,7 +83,7 @@ def test_images_over_max_pixels_are_refused_before_decoding():
     try:
         out = asyncio.run(p.prepare([encoded(40, 40)]))
         assert out[0].shape == (3, 32, 32)
-        with pytest.raises(ImageDecodeError, match=r"image 1: .*41×40 pixels"):
+        with pytest.raises(ImageTooLarge, match=r"image 1: .*41×40 pixels"):
             asyncio.run(p.prepare([encoded(40, 40), encoded(41, 40)]))
     finally:
         p.close()
