@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Until the shipped default model lands, this serves ViT-B/32 with random weights.
+# Serves the built-in default model (builtin/clip-shapes); CLIP_MODELS or --model picks others.
 serve: install
-	$(PY) -m service --model ViT-B-32 --random-weights --log-format text
+	$(PY) -m service --log-format text
 
 lint: install
 	$(PY) -m ruff check .

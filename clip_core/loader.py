@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -50,6 +51,17 @@ def _random_model(name: str, arch: str, preprocess: PreprocessConfig | None) -> 
     return LoadedModel(name, model, preprocess, "random")
 
 
+def _builtin_file(entry: ModelEntry) -> Path:
+    file = Path(str(resources.files("clip_core").joinpath("weights", entry.builtin)))
+    if not file.is_file():
+        raise ModelNotFound(
+            f"{entry.name}: its weights {file} are missing from this installation; "
+            f"train them with `clip-train --config recipes/clip-shapes.json` (see "
+            f"docs/models/clip-shapes.md) or reinstall the package"
+        )
+    return file
+
+
 def load(
     name_or_path: str,
     *,
@@ -88,6 +100,10 @@ def load(
                 # Named after the architecture: these are not the entry's weights.
                 name = f"{entry.architecture}-random"
                 loaded = _random_model(name, entry.architecture, entry.preprocess)
+            elif entry.builtin:
+                file = _builtin_file(entry)
+                model = build_model(read_checkpoint(file), load_architecture(entry.architecture))
+                loaded = LoadedModel(entry.name, model, entry.preprocess, str(file))
             else:
                 file = hub.fetch(
                     entry.url,

@@ -17,10 +17,11 @@ from .errors import ModelNotFound
 class ModelEntry:
     name: str  # canonical, "openai/ViT-B-32"
     architecture: str  # a config in configs/, "ViT-B-32"
-    url: str
+    url: str  # "" for weights shipped inside the package
     sha256: str
     preprocess: PreprocessConfig
     aliases: tuple[str, ...] = ()
+    builtin: str | None = None  # a file in clip_core/weights/, instead of a download
 
     @property
     def filename(self) -> str:
@@ -66,6 +67,22 @@ for _arch, _openai_name, _sha, _file, _size in _OPENAI:
             aliases=(_openai_name, _arch),
         )
     )
+
+
+# The offline default: a small model this project trains on its procedural scenes and ships
+# (docs/models/clip-shapes.md). It knows coloured shapes, nothing else.
+DEFAULT_MODEL = "builtin/clip-shapes"
+register(
+    ModelEntry(
+        name=DEFAULT_MODEL,
+        architecture="RN-Tiny-64",
+        url="",
+        sha256="",
+        preprocess=PreprocessConfig(image_size=64),
+        aliases=("clip-shapes",),
+        builtin="clip-shapes.safetensors",
+    )
+)
 
 
 def get_entry(name: str) -> ModelEntry:

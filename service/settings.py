@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from clip_core.registry import DEFAULT_MODEL
+
 from .batcher import BatcherConfig
 
 # Decoders that may ever be enabled: common photo formats with well-worn Pillow plugins.
@@ -24,7 +26,7 @@ class Settings(BaseSettings):
 
     # Models: registry names or checkpoint paths; the first is the default of every request.
     # CLIP_MODELS accepts a comma-separated list.
-    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ViT-B-32"])
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL])
     random_weights: bool = False  # build the architectures with random weights (tests only)
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU

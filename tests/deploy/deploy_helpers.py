@@ -32,14 +32,9 @@ VENV_BIN = Path(sys.executable).parent  # where pip put clip-serve, hadolint, ..
 
 
 def service_env() -> dict[str, str]:
-    """Settings every test server gets on top of the deployment's own.
-
-    The deployment serves the built-in default model (it sets no CLIP_MODELS). Until that
-    model lands, the default (ViT-B-32) needs a download, so the tests pin ViT-B-32 with
-    random weights: the same architecture, nothing fetched. Once the built-in model is the
-    default, return {} here and the tests serve exactly what the image serves.
-    """
-    return {"CLIP_MODELS": "ViT-B-32", "CLIP_RANDOM_WEIGHTS": "true"}
+    """Settings every test server gets on top of the deployment's own: none. The deployment
+    sets no CLIP_MODELS and serves the built-in default model; so do the tests."""
+    return {}
 
 
 def setting_env_names() -> set[str]:
