@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     lifecycle = Lifecycle()
+    metrics.in_flight.set_function(lambda: lifecycle.inflight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -82,6 +82,9 @@ class Metrics:
             "clip_worker_stalls", "Batches abandoned by the watchdog (stall_timeout_s)",
             ["model", "modality"], registry=r,
         )
+        self.in_flight = Gauge(
+            "clip_requests_in_flight", "Requests accepted and not yet answered", registry=r,
+        )
         self.cuda_memory = Gauge(
             "clip_cuda_memory_allocated_bytes", "CUDA memory held by tensors", ["device"],
             registry=r,

@@ -172,15 +172,14 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(checkpoin
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             tasks = [asyncio.create_task(c.post("/embed", json=payload)) for _ in range(6)]
-            # Let them be accepted: on a loaded machine 0.5 s may not be enough to send
-            # six 40-image bodies, so wait until the model is working on them.
-            for _ in range(200):
-                await asyncio.sleep(0.1)
-                if _count((await c.get("/metrics")).text, "clip_batch_size_count") > 0:
+            # SIGTERM once all six are accepted (a fixed sleep is too short on a loaded
+            # machine, and too long on an idle one, where they would all be done).
+            for _ in range(1000):
+                await asyncio.sleep(0.02)
+                if _count((await c.get("/metrics")).text, "clip_requests_in_flight") >= 6:
                     break
-            await asyncio.sleep(0.3)
             server.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
             ready = await c.get("/readyz")
             late = await c.post("/embed", json={"texts": ["too late"]})
             return await asyncio.gather(*tasks), ready, late
