@@ -27,13 +27,9 @@ import asyncio
 import base64
 import io
 import json
-import os
 import random
-import signal
-import socket
 import string
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +40,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
+from serverproc import ROOT, ServerDidNotStart, ServerProcess, rss_mb
 
 
 def tiny_checkpoint(folder: Path) -> Path:
@@ -65,13 +60,6 @@ def tiny_checkpoint(folder: Path) -> Path:
     path = folder / "soak-tiny.safetensors"
     save_checkpoint(CLIP(cfg).eval(), path, PreprocessConfig(image_size=32))
     return path
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 # ---- traffic ----
@@ -245,37 +233,21 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         model = args.model or str(tiny_checkpoint(Path(tmp)))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "CLIP_LOG_FORMAT": "text", "CLIP_LOG_LEVEL": "warning",
+        env = {"CLIP_LOG_FORMAT": "text", "CLIP_LOG_LEVEL": "warning",
                "CLIP_MAX_BODY_BYTES": str(args.body_cap),
-               "CLIP_CACHE_SIZE": str(args.cache_size), "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model", model, "--host", "127.0.0.1",
-             "--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+               "CLIP_CACHE_SIZE": str(args.cache_size)}
+        server = ServerProcess(["--model", model], env)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    print("server did not start", file=sys.stderr)
-                    return 2
-                try:
-                    if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+            try:
+                server.wait_ready(120)
+            except ServerDidNotStart:
+                print("server did not start", file=sys.stderr)
+                return 2
             print(f"soak: {args.duration:.0f} s, concurrency {args.concurrency}, "
                   f"{args.hostile_share:.0%} hostile, model {args.model or 'tiny random'}")
-            summary = asyncio.run(soak(args, url, server.pid))
+            summary = asyncio.run(soak(args, server.url, server.pid))
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            server.stop(30)
     summary["server_exit"] = server.returncode
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
     if args.json:
