@@ -1,0 +1,492 @@
+"""Load generator for clip-serve on this machine: asyncio + one httpx client.
+
+    python loadtests/loadgen.py --url http://127.0.0.1:8000 --workload image1 --concurrency 16 --duration 30
+    python loadtests/loadgen.py --workload mix --rate 20 --duration 60 --json out/mix.json
+    python loadtests/loadgen.py --workload image1 --sweep-concurrency 1,4,16 --plots out/
+
+Closed loop (--concurrency N): N callers, each sending its next request as soon as the
+previous one is answered; throughput is what the server sustains. Open loop (--rate R):
+Poisson arrivals at R requests/s whatever the server does, as independent users would
+send them; latency then includes queueing, and past capacity the server must refuse.
+
+Workloads (loadtests/workloads.py): image1, image16, text (unique captions, so the text
+cache cannot help), classify (one image, the same 10 labels every time), mix (40% image1,
+40% text, 20% classify). The first --warmup seconds are sent but not counted. Throughput
+counts the successful answers that arrive inside the measured window; latencies are those
+of every request sent inside it, waited for to the end. /metrics is scraped at the start
+and end of the window, and the report gives the batch sizes the server formed between.
+
+Only loopback addresses (127.0.0.0/8, localhost, ::1) are accepted, and a run stops by
+itself: warm-up plus duration may not exceed MAX_RUN_S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import scrape
+from workloads import WORKLOADS, Call, ImagePool, Workload, image_pool
+
+MAX_RUN_S = 600.0  # warm-up + duration of one run
+MAX_SWEEP_POINTS = 20
+OUTCOMES = ("ok", "error", "timeout", "transport_error", "refused_503", "refused_429",
+            "client_dropped")
+
+
+def check_local(url: str) -> str:
+    """The URL without a trailing slash, if it names this machine; else ValueError."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r}: only http(s) URLs")
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise ValueError(f"{url!r}: load is only sent to this machine (127.0.0.1, localhost)")
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    url: str = "http://127.0.0.1:8000"
+    workload: str = "image1"
+    mode: Literal["closed", "open"] = "closed"
+    concurrency: int = 16  # closed loop: callers
+    rate: float = 0.0  # open loop: mean requests/s
+    duration: float = 30.0  # measured seconds
+    warmup: float = 5.0  # seconds sent first and not counted
+    timeout: float = 60.0  # client timeout per request
+    max_outstanding: int = 512  # open loop: past this, arrivals are dropped by the client
+    seed: int = 0  # the request sequence (texts, image order, mix, arrivals)
+    image_seed: int = 0  # the image pool
+    api_key: str | None = None
+    scrape: bool = True  # read /metrics before and after
+
+    def check(self) -> None:
+        check_local(self.url)
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {self.workload!r}; known: {', '.join(WORKLOADS)}")
+        if self.duration <= 0 or self.warmup < 0 or self.warmup + self.duration > MAX_RUN_S:
+            raise ValueError(f"need duration > 0, warmup >= 0 and warmup + duration <= "
+                             f"{MAX_RUN_S:.0f} s")
+        if self.mode == "closed" and self.concurrency < 1:
+            raise ValueError("closed loop needs concurrency >= 1")
+        if self.mode == "open" and not (self.rate > 0 and self.max_outstanding >= 1):
+            raise ValueError("open loop needs rate > 0 and max_outstanding >= 1")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be > 0")
+
+    def describe(self) -> str:
+        load = (f"closed loop, {self.concurrency} callers" if self.mode == "closed"
+                else f"open loop, {self.rate:g} req/s Poisson")
+        return (f"{self.workload}, {load}, {self.duration:g} s measured "
+                f"(+{self.warmup:g} s warm-up)")
+
+
+@dataclass(slots=True)
+class Record:
+    kind: str
+    start: float  # seconds since the run began
+    latency: float  # seconds; 0 for client_dropped
+    status: int  # HTTP status; 0 when there was no answer
+    items: int
+    outcome: str  # one of OUTCOMES
+    retry_after: bool  # the answer carried Retry-After
+    exception: str = ""  # timeouts and transport errors: httpx's exception class
+
+
+def poisson_arrivals(rate: float, duration: float, seed: int) -> list[float]:
+    """Arrival times in [0, duration): exponential gaps of mean 1/rate."""
+    rng = random.Random(seed)
+    out, t = [], rng.expovariate(rate)
+    while t < duration:
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+class Clients:
+    """Single-connection httpx clients, one per request in flight, reused.
+
+    One AsyncClient with N connections would be simpler, but httpcore looks at every
+    connection of its pool for each request and each answer: at 32 connections that cost
+    the client about 2.5 ms of CPU per request here, as much as the server spends on a
+    short text, on a machine whose two cores the client shares with the server. A stack
+    of one-connection clients costs the same at any concurrency.
+    """
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeout: float):
+        self._kwargs = {
+            "base_url": base_url, "headers": headers, "timeout": timeout, "trust_env": False,
+            # One context for all: building one per client costs ~25 ms of CPU each.
+            "verify": httpx.create_ssl_context(),
+            "limits": httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        }
+        self._idle: list[httpx.AsyncClient] = []
+        self._all: list[httpx.AsyncClient] = []
+
+    def take(self) -> httpx.AsyncClient:
+        if self._idle:
+            return self._idle.pop()
+        client = httpx.AsyncClient(**self._kwargs)
+        self._all.append(client)
+        return client
+
+    def give_back(self, client: httpx.AsyncClient) -> None:
+        self._idle.append(client)
+
+    @property
+    def opened(self) -> int:
+        return len(self._all)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._all))
+
+
+def _outcome(status: int) -> str:
+    if 200 <= status < 300:
+        return "ok"
+    return {503: "refused_503", 429: "refused_429"}.get(status, "error")
+
+
+async def send(client: httpx.AsyncClient, call: Call, t0: float) -> Record:
+    start = time.perf_counter()
+    status, retry_after, exception = 0, False, ""
+    try:
+        r = await client.post(call.path, content=call.body,
+                              headers={"content-type": "application/json"})
+        status, retry_after = r.status_code, "retry-after" in r.headers
+        outcome = _outcome(status)
+    except httpx.TimeoutException as e:
+        outcome, exception = "timeout", type(e).__name__
+    except httpx.HTTPError as e:  # refused or reset connections, protocol errors
+        outcome, exception = "transport_error", type(e).__name__
+    return Record(call.kind, start - t0, time.perf_counter() - start, status, call.items,
+                  outcome, retry_after, exception)
+
+
+async def _closed(clients: Clients, workload: Workload, cfg: RunConfig, t0: float) -> list[Record]:
+    records: list[Record] = []
+    end = t0 + cfg.warmup + cfg.duration
+
+    async def caller() -> None:
+        client = clients.take()
+        while time.perf_counter() < end:
+            records.append(await send(client, workload.next(), t0))
+
+    await asyncio.gather(*(caller() for _ in range(cfg.concurrency)))
+    return records
+
+
+async def _open(clients: Clients, workload: Workload, cfg: RunConfig, t0: float) -> tuple[list[Record], list[float]]:
+    """Each arrival is launched as its own task, however many are outstanding, up to
+    max_outstanding (then it is recorded as client_dropped). Also returns how late each
+    was sent against its schedule: a late client would understate the offered load."""
+    records: list[Record] = []
+    lags: list[float] = []
+    outstanding: set[asyncio.Task] = set()
+
+    async def one(call: Call) -> None:
+        client = clients.take()
+        try:
+            records.append(await send(client, call, t0))
+        finally:
+            clients.give_back(client)
+
+    for at in poisson_arrivals(cfg.rate, cfg.warmup + cfg.duration, cfg.seed):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        lags.append(max(0.0, -delay))
+        call = workload.next()
+        if len(outstanding) >= cfg.max_outstanding:
+            records.append(Record(call.kind, at, 0.0, 0, call.items, "client_dropped", False))
+            continue
+        task = asyncio.create_task(one(call))
+        outstanding.add(task)
+        task.add_done_callback(outstanding.discard)
+    if outstanding:
+        await asyncio.gather(*outstanding)
+    return records, lags
+
+
+def percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99),
+            "mean": statistics.fmean(values), "max": max(values)}
+
+
+def summarise(records: list[Record], start: float, end: float) -> dict:
+    """Counts and rates of the requests sent in [start, end), seconds since the run began.
+
+    Throughput (`ok_per_s`, `items_per_s`) counts successful answers that arrived in the
+    window; `accepted` latencies are those of every request the server did not refuse.
+    """
+    sent = [r for r in records if start <= r.start < end]
+    span = end - start
+    answered = [r for r in records if r.outcome == "ok" and start <= r.start + r.latency < end]
+    counts = Counter(r.outcome for r in sent)
+    refusals = [r for r in sent if r.outcome in ("refused_503", "refused_429")]
+    return {
+        "requests": len(sent),
+        **{k: counts.get(k, 0) for k in OUTCOMES},
+        "refused_without_retry_after": sum(not r.retry_after for r in refusals),
+        "sent_per_s": len(sent) / span,
+        "ok_per_s": len(answered) / span,
+        "items_per_s": sum(r.items for r in answered) / span,
+        "latency_ok_s": percentiles([r.latency for r in sent if r.outcome == "ok"]),
+        "latency_accepted_s": percentiles(
+            [r.latency for r in sent if r.outcome in ("ok", "error", "timeout")]),
+        "status": dict(sorted(Counter(str(r.status) for r in sent if r.status).items())),
+        "exceptions": dict(Counter(r.exception for r in sent if r.exception)),
+    }
+
+
+def timeline(records: list[Record], step: float = 1.0) -> list[dict]:
+    """Per `step` seconds of answer time: answers by outcome and the p50 latency of the
+    successful ones; shows a run's course (a queue filling, refusals starting)."""
+    bins: dict[int, list[Record]] = {}
+    for r in records:
+        if r.outcome != "client_dropped":
+            bins.setdefault(int((r.start + r.latency) // step), []).append(r)
+    out = []
+    for i in range(max(bins, default=-1) + 1):
+        rs = bins.get(i, [])
+        ok = [r.latency for r in rs if r.outcome == "ok"]
+        out.append({"t": i * step, **Counter(r.outcome for r in rs),
+                    "ok_p50_s": float(np.median(ok)) if ok else None})
+    return out
+
+
+async def _scrape(client: httpx.AsyncClient) -> scrape.Samples | str:
+    try:
+        r = await client.get("/metrics", timeout=10)
+        r.raise_for_status()
+        return scrape.parse(r.text)
+    except (httpx.HTTPError, ValueError) as e:
+        return f"/metrics: {type(e).__name__}: {e}"
+
+
+async def run(cfg: RunConfig, pool: ImagePool | None = None) -> dict:
+    """One run; the report as a JSON-ready dict."""
+    cfg.check()
+    workload = Workload(cfg.workload, cfg.seed, pool, cfg.image_seed)
+    if workload.uses_images:
+        workload.pool  # noqa: B018 (built now, before the clock starts)
+    headers = {"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    clients = Clients(check_local(cfg.url), headers, cfg.timeout)
+    scraper = clients.take()
+    try:
+        t0 = time.perf_counter()
+
+        async def scrape_at_window_start() -> scrape.Samples | str | None:
+            if not cfg.scrape:
+                return None
+            await asyncio.sleep(max(0.0, t0 + cfg.warmup - time.perf_counter()))
+            return await _scrape(scraper)
+
+        before_task = asyncio.create_task(scrape_at_window_start())
+        lags: list[float] = []
+        if cfg.mode == "closed":
+            records = await _closed(clients, workload, cfg, t0)
+        else:
+            records, lags = await _open(clients, workload, cfg, t0)
+        before = await before_task
+        after = await _scrape(scraper) if cfg.scrape else None
+    finally:
+        await clients.aclose()
+
+    report: dict = {"config": {**asdict(cfg), "api_key": bool(cfg.api_key)},
+                    "describe": cfg.describe(),
+                    "summary": summarise(records, cfg.warmup, cfg.warmup + cfg.duration)}
+    kinds = sorted({r.kind for r in records})
+    if len(kinds) > 1:
+        report["by_kind"] = {
+            k: summarise([r for r in records if r.kind == k], cfg.warmup,
+                         cfg.warmup + cfg.duration) for k in kinds}
+    report["timeline"] = timeline(records)
+    if lags:
+        report["schedule_lag_s"] = percentiles(lags)
+    if isinstance(before, dict) and isinstance(after, dict):
+        report["batch_sizes"] = scrape.batch_sizes(before, after)
+        report["counters"] = scrape.counters(before, after)
+    elif cfg.scrape:
+        report["scrape_error"] = next(x for x in (before, after) if isinstance(x, str))
+    return report
+
+
+async def settle(url: str, timeout: float = 60.0, api_key: str | None = None) -> bool:
+    """Waits until the server's queues are empty (work left by a previous run): True if so."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=check_local(url), headers=headers) as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            samples = await _scrape(client)
+            if isinstance(samples, str):
+                return False
+            if sum(v for (name, _), v in samples.items() if name == "clip_queue_depth") == 0:
+                return True
+            await asyncio.sleep(0.5)
+    return False
+
+
+async def sweep(cfg: RunConfig, points: list[float], pool: ImagePool | None = None) -> list[dict]:
+    """One run per point: concurrencies (closed loop) or rates (open loop), in order."""
+    if not 1 <= len(points) <= MAX_SWEEP_POINTS:
+        raise ValueError(f"a sweep has 1 to {MAX_SWEEP_POINTS} points")
+    reports = []
+    for i, p in enumerate(points):
+        point = (replace(cfg, concurrency=int(p)) if cfg.mode == "closed"
+                 else replace(cfg, rate=float(p)))
+        point = replace(point, seed=cfg.seed + i)  # fresh texts: the cache must not help
+        point.check()
+        await settle(cfg.url, api_key=cfg.api_key)
+        print(f"  {point.describe()} ...", flush=True)
+        reports.append(await run(point, pool))
+    return reports
+
+
+# ---- output ----
+
+
+def _ms(lat: dict | None, key: str) -> str:
+    return f"{lat[key] * 1000:8.1f}" if lat else "       -"
+
+
+def format_report(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"# {report['describe']}",
+             f"requests {s['requests']}: ok {s['ok']}, errors {s['error']}, timeouts "
+             f"{s['timeout']}, transport errors {s['transport_error']}, 503 {s['refused_503']}, "
+             f"429 {s['refused_429']} (without Retry-After: {s['refused_without_retry_after']}), "
+             f"client-dropped {s['client_dropped']}"
+             + (f" {s['exceptions']}" if s["exceptions"] else ""),
+             f"throughput {s['ok_per_s']:.2f} ok req/s, {s['items_per_s']:.2f} items/s "
+             f"(sent {s['sent_per_s']:.2f} req/s)",
+             "latency ms        p50      p90      p99      max"]
+    for name, key in (("ok", "latency_ok_s"), ("accepted", "latency_accepted_s")):
+        lat = s[key]
+        lines.append(f"  {name:<10} {_ms(lat, 'p50')} {_ms(lat, 'p90')} {_ms(lat, 'p99')} "
+                     f"{_ms(lat, 'max')}")
+    for kind, ks in report.get("by_kind", {}).items():
+        lines.append(f"  {kind:<10} {_ms(ks['latency_ok_s'], 'p50')} "
+                     f"{_ms(ks['latency_ok_s'], 'p90')} {_ms(ks['latency_ok_s'], 'p99')} "
+                     f"{_ms(ks['latency_ok_s'], 'max')}  ({ks['ok']} ok, "
+                     f"{ks['items_per_s']:.1f} items/s)")
+    if report.get("schedule_lag_s"):
+        lines.append(f"client send lag p99 {report['schedule_lag_s']['p99'] * 1000:.1f} ms")
+    for key, b in report.get("batch_sizes", {}).items():
+        spread = "  ".join(f"{row['sizes']}:{row['batches']}" for row in b["buckets"]
+                           if row["batches"])
+        lines.append(f"batches {key}: {b['batches']}, mean size {b['mean']:.1f}  [{spread}]")
+    if report.get("counters"):
+        lines.append("server counters: " + ", ".join(
+            f"{k} {v:g}" for k, v in report["counters"].items()))
+    if report.get("scrape_error"):
+        lines.append(f"(no batch sizes: {report['scrape_error']})")
+    return "\n".join(lines)
+
+
+def format_sweep(reports: list[dict]) -> str:
+    lines = ["| offered | ok req/s | items/s | p50 ms | p99 ms | 503 | errors | timeouts |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        c, s = r["config"], r["summary"]
+        offered = f"{c['concurrency']} callers" if c["mode"] == "closed" else f"{c['rate']:g}/s"
+        lat = s["latency_ok_s"]
+        lines.append(f"| {offered} | {s['ok_per_s']:.2f} | {s['items_per_s']:.2f} | "
+                     f"{_ms(lat, 'p50').strip()} | {_ms(lat, 'p99').strip()} | "
+                     f"{s['refused_503']} | {s['error']} | {s['timeout']} |")
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="this machine only")
+    p.add_argument("--workload", default="image1", choices=WORKLOADS)
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=16, help="closed loop: callers")
+    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    load.add_argument("--sweep-concurrency", type=_floats, help="closed loop at each: 1,4,16")
+    load.add_argument("--sweep-rates", type=_floats, help="open loop at each: 2,4,8")
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds sent first, not counted")
+    p.add_argument("--timeout", type=float, default=60.0, help="client timeout per request")
+    p.add_argument("--max-outstanding", type=int, default=512,
+                   help="open loop: arrivals past this many in flight are dropped (counted)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="request sequence; default: from the clock (printed), so a second run "
+                        "does not resend texts the server has cached")
+    p.add_argument("--image-seed", type=int, default=0)
+    p.add_argument("--api-key", help="sent as a Bearer token")
+    p.add_argument("--no-scrape", action="store_true", help="do not read /metrics")
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--plots", type=Path, help="write PNG plots into this folder")
+    args = p.parse_args(argv)
+
+    seed = args.seed if args.seed is not None else int(time.time()) % 1_000_000
+    open_loop = args.rate is not None or args.sweep_rates is not None
+    cfg = RunConfig(
+        url=args.url, workload=args.workload, mode="open" if open_loop else "closed",
+        concurrency=args.concurrency, rate=args.rate or 0.0, duration=args.duration,
+        warmup=args.warmup, timeout=args.timeout, max_outstanding=args.max_outstanding,
+        seed=seed, image_seed=args.image_seed, api_key=args.api_key, scrape=not args.no_scrape,
+    )
+    points = args.sweep_rates or args.sweep_concurrency
+    try:
+        if points:
+            replace(cfg, concurrency=max(1, int(points[0])), rate=points[0]).check()
+        else:
+            cfg.check()
+    except ValueError as e:
+        p.error(str(e))
+    print(f"seed {seed}", flush=True)
+    pool = image_pool(seed=args.image_seed) if Workload(args.workload).uses_images else None
+    # Bounded: every run ends by itself; this is the backstop for a server that hangs.
+    per_run = cfg.warmup + cfg.duration + cfg.timeout + 30
+    if points:
+        reports = asyncio.run(asyncio.wait_for(sweep(cfg, points, pool),
+                                               len(points) * (per_run + 60)))
+        for r in reports:
+            print(format_report(r), end="\n\n")
+        print(format_sweep(reports))
+        out: dict = {"sweep": reports}
+    else:
+        out = asyncio.run(asyncio.wait_for(run(cfg, pool), per_run))
+        print(format_report(out))
+        reports = [out]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+    if args.plots:
+        import plots  # matplotlib only when asked for
+
+        written = plots.write_all(reports, args.plots)
+        print("plots: " + ", ".join(str(w) for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
