@@ -5,7 +5,8 @@
     python loadtests/loadgen.py --workload image1 --sweep-concurrency 1,4,16 --plots out/
 
 Closed loop (--concurrency N): N callers, each sending its next request as soon as the
-previous one is answered; throughput is what the server sustains. Open loop (--rate R):
+previous one is answered (after a refusal, once its Retry-After has passed); throughput is
+what the server sustains. Open loop (--rate R):
 Poisson arrivals at R requests/s whatever the server does, as independent users would
 send them; latency then includes queueing, and past capacity the server must refuse.
 
@@ -73,6 +74,7 @@ class RunConfig:
     warmup: float = 5.0  # seconds sent first and not counted
     timeout: float = 60.0  # client timeout per request
     max_outstanding: int = 512  # open loop: past this, arrivals are dropped by the client
+    honour_retry_after: bool = True  # closed loop: a refused caller waits before resending
     seed: int = 0  # the request sequence (texts, image order, mix, arrivals)
     image_seed: int = 0  # the image pool
     api_key: str | None = None
@@ -107,7 +109,7 @@ class Record:
     status: int  # HTTP status; 0 when there was no answer
     items: int
     outcome: str  # one of OUTCOMES
-    retry_after: bool  # the answer carried Retry-After
+    retry_after: float | None  # seconds the answer's Retry-After asked for; None: absent
     exception: str = ""  # timeouts and transport errors: httpx's exception class
 
 
@@ -159,6 +161,16 @@ class Clients:
         await asyncio.gather(*(c.aclose() for c in self._all))
 
 
+def _seconds(retry_after: str | None) -> float | None:
+    """Retry-After in seconds; an HTTP date (which this service never sends) counts as 1 s."""
+    if retry_after is None:
+        return None
+    try:
+        return max(0.0, float(retry_after))
+    except ValueError:
+        return 1.0
+
+
 def _outcome(status: int) -> str:
     if 200 <= status < 300:
         return "ok"
@@ -167,11 +179,11 @@ def _outcome(status: int) -> str:
 
 async def send(client: httpx.AsyncClient, call: Call, t0: float) -> Record:
     start = time.perf_counter()
-    status, retry_after, exception = 0, False, ""
+    status, retry_after, exception = 0, None, ""
     try:
         r = await client.post(call.path, content=call.body,
                               headers={"content-type": "application/json"})
-        status, retry_after = r.status_code, "retry-after" in r.headers
+        status, retry_after = r.status_code, _seconds(r.headers.get("retry-after"))
         outcome = _outcome(status)
     except httpx.TimeoutException as e:
         outcome, exception = "timeout", type(e).__name__
@@ -188,7 +200,12 @@ async def _closed(clients: Clients, workload: Workload, cfg: RunConfig, t0: floa
     async def caller() -> None:
         client = clients.take()
         while time.perf_counter() < end:
-            records.append(await send(client, workload.next(), t0))
+            record = await send(client, workload.next(), t0)
+            records.append(record)
+            if cfg.honour_retry_after and record.retry_after is not None:
+                # As well-behaved clients do; resending at once would measure how fast
+                # the server can refuse, not what it serves.
+                await asyncio.sleep(min(record.retry_after, max(0.0, end - time.perf_counter())))
 
     await asyncio.gather(*(caller() for _ in range(cfg.concurrency)))
     return records
@@ -248,7 +265,7 @@ def summarise(records: list[Record], start: float, end: float) -> dict:
     return {
         "requests": len(sent),
         **{k: counts.get(k, 0) for k in OUTCOMES},
-        "refused_without_retry_after": sum(not r.retry_after for r in refusals),
+        "refused_without_retry_after": sum(r.retry_after is None for r in refusals),
         "sent_per_s": len(sent) / span,
         "ok_per_s": len(answered) / span,
         "items_per_s": sum(r.items for r in answered) / span,
@@ -440,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="request sequence; default: from the clock (printed), so a second run "
                         "does not resend texts the server has cached")
     p.add_argument("--image-seed", type=int, default=0)
+    p.add_argument("--ignore-retry-after", action="store_true",
+                   help="closed loop: resend at once after a 503/429 instead of waiting")
     p.add_argument("--api-key", help="sent as a Bearer token")
     p.add_argument("--no-scrape", action="store_true", help="do not read /metrics")
     p.add_argument("--json", type=Path, help="write the report here")
@@ -453,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency, rate=args.rate or 0.0, duration=args.duration,
         warmup=args.warmup, timeout=args.timeout, max_outstanding=args.max_outstanding,
         seed=seed, image_seed=args.image_seed, api_key=args.api_key, scrape=not args.no_scrape,
+        honour_retry_after=not args.ignore_retry_after,
     )
     points = args.sweep_rates or args.sweep_concurrency
     try:

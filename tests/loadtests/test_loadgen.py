@@ -57,7 +57,7 @@ def test_poisson_arrivals_have_the_asked_rate():
     assert statistics.variance(counts) / statistics.fmean(counts) == pytest.approx(1.0, abs=0.25)
 
 
-def _rec(start, latency, outcome="ok", status=200, items=1, retry_after=False):
+def _rec(start, latency, outcome="ok", status=200, items=1, retry_after=None):
     return Record("image1", start, latency, status, items, outcome, retry_after)
 
 
@@ -67,7 +67,7 @@ def test_summary_counts_the_window_only():
         _rec(1.0, 0.2, items=16),
         _rec(1.5, 0.4),
         _rec(2.5, 1.0),  # sent in the window, answered after it: latency counted, rate not
-        _rec(2.0, 0.01, "refused_503", 503, retry_after=True),
+        _rec(2.0, 0.01, "refused_503", 503, retry_after=1.0),
         _rec(2.1, 0.01, "refused_429", 429),  # no Retry-After
         _rec(2.2, 3.0, "error", 504),
         _rec(2.3, 60.0, "timeout", 0),
