@@ -7,12 +7,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .api import errors
 from .api.access import Access
-from .api.middleware import BodyLimit, Lifecycle, RequestLifecycle
+from .api.middleware import BodyLimit, Lifecycle, RequestLifecycle, RequestMetrics
 from .api.routes import health, inference
 from .core import Engine
 from .metrics import Metrics
@@ -64,23 +64,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(Access, keys=settings.api_keys, metrics_auth=settings.metrics_auth,
                        limiter=limiter)
 
-    known = {getattr(r, "path", None) for router in (inference, health) for r in router.routes}
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        # Route templates, not raw paths, so unknown URLs cannot grow the label set. A
-        # request refused before routing (body cap, access) still has a known path.
-        path = request.scope["path"]
-        endpoint = getattr(route, "path", None) or (path if path in known else "unmatched")
-        if endpoint not in ("/metrics", "/healthz", "/readyz"):
-            model = getattr(request.state, "model", "") or ""
-            metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
-            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
-
+    known = frozenset(getattr(r, "path", None) for router in (inference, health)
+                      for r in router.routes)
+    # Pure ASGI middleware throughout: Starlette's BaseHTTPMiddleware runs each request in
+    # an extra task and re-streams its response, a cost paid on every small request.
+    app.add_middleware(RequestMetrics, metrics=metrics, known_paths=known)
     app.add_middleware(RequestLifecycle, lifecycle=lifecycle, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(

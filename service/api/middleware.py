@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BodyTooLarge, Draining
 from ..metrics import Metrics
-from .errors import answer
+from .errors import answer, status_for
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,50 @@ class RequestLifecycle:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             self.lifecycle.leave()
+
+
+class RequestMetrics:
+    """Counts each answered request by route template, model and status, and its latency.
+
+    Route templates, not raw paths, so unknown URLs cannot grow the label set; a request
+    refused before routing (body cap, access) still has a known path. Probes and /metrics
+    are not counted, nor a request whose caller left (RequestLifecycle counts that, 499).
+    """
+
+    _UNCOUNTED = frozenset(_ALWAYS_OPEN)
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: frozenset[str]):
+        self.app = app
+        self.metrics = metrics
+        self.known = known_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._UNCOUNTED:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status, _ = status_for(RuntimeError())  # what an app that raises answers
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception as e:
+            self._count(scope, status_for(e)[0], start)
+            raise
+        self._count(scope, status, start)
+
+    def _count(self, scope: Scope, status: int, start: float) -> None:
+        route = scope.get("route")
+        path = scope["path"]
+        endpoint = getattr(route, "path", None) or (path if path in self.known else "unmatched")
+        model = scope.get("state", {}).get("model", "") or ""
+        self.metrics.requests.labels(endpoint, model, str(status)).inc()
+        self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
 class _Overflow(Exception):

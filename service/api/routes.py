@@ -42,7 +42,8 @@ from .schemas import (
 )
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, one hop per request.
     return request.app.state.engine
 
 

@@ -90,8 +90,10 @@ def checkpoint(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    # 300 large photos in one request (the disconnect test) are ~110 MB of JSON.
-    s = Server(checkpoint, "--max-batch-size", "8", env={"CLIP_MAX_BODY_BYTES": str(256 << 20)})
+    # 300 large photos in one request (the disconnect test) are ~110 MB of JSON, and
+    # more items than the default cap allows.
+    s = Server(checkpoint, "--max-batch-size", "8", env={"CLIP_MAX_BODY_BYTES": str(256 << 20),
+                                                         "CLIP_MAX_ITEMS_PER_REQUEST": "512"})
     yield s
     assert s.stop() == 0
 
