@@ -12,9 +12,19 @@ Batching policy:
   tokens (items x longest item): the oldest text goes first and is joined by the queued
   texts closest to it in length, so little padding is computed and no text waits longer
   than the texts queued before it.
+- With `max_batch_s`, a batch is also sized so that its predicted compute time stays
+  within it: on a CPU, where a large model's batch of 32 takes seconds and buys little
+  over a batch of 8, this bounds the latency a batch adds without costing throughput;
+  on a GPU the configured limits bind first.
 - When both modalities wait, batches alternate by `image_share`; neither starves.
 - Admission counts items admitted and not yet answered (queued or on the model); a request
-  that would exceed `max_queue_items` is refused whole with `Overloaded`.
+  that would exceed `max_queue_items` is refused whole with `Overloaded`. With
+  `max_queue_wait_s`, a request is also refused when the work admitted before it is
+  predicted to take longer than that: under overload, callers get a prompt 503 and a
+  Retry-After instead of a queue that grows until their deadlines pass. A request is
+  never refused by this rule when nothing is outstanding.
+- Predictions come from `CostModel`, a batch's time as a fixed cost plus a cost per unit
+  of work (an image; a padded text token), fitted over recent batches.
 - Items whose deadline passed or whose caller went away are dropped before the model.
 - A failing batch is split in halves down to single items, so one bad input fails one
   request; `OutOfMemory` also shrinks the batch limit, which grows back slowly.
@@ -27,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -54,6 +65,8 @@ class BatcherConfig:
     # thread serves the queue; the stuck one exits when its call returns.
     stall_timeout_s: float | None = None
     max_abandoned_threads: int = 2  # stuck threads tolerated before the worker stops
+    max_batch_s: float | None = None  # predicted compute time per batch; None: no bound
+    max_queue_wait_s: float | None = None  # predicted wait before admission; None: no bound
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue_items",
@@ -67,8 +80,10 @@ class BatcherConfig:
         if not 0 < self.image_share < 1:
             raise ValueError(f"image_share must be in (0, 1) so neither modality starves, "
                              f"got {self.image_share}")
-        if self.stall_timeout_s is not None and self.stall_timeout_s <= 0:
-            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+        for name in ("stall_timeout_s", "max_batch_s", "max_queue_wait_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
 
 
 class Backend(Protocol):
@@ -164,6 +179,61 @@ class WorkerStats:
     batches: dict[str, int]
     dropped: dict[str, int]  # by reason
     rejected: int  # items refused at admission
+
+
+class CostModel:
+    """How long a batch takes, learnt from finished batches: t = a + b*n for each kind.
+
+    n counts units of work: images, or the padded tokens of a text batch (items x
+    longest). a is the fixed cost of a call (weights read once per batch, Python and
+    kernel launches), b the cost per unit. A proportional estimate (a = 0) would take a
+    burst after quiet, small batches for far more work than it is; with both terms the
+    wait for n queued units is predicted for the batch sizes they will actually run in.
+
+    Fitted by least squares over the recent batches (exponentially weighted, `memory`
+    batches), falling back to the proportional estimate until the batch sizes vary.
+    Everything is 0 until a batch of that kind has run, meaning "unknown".
+    """
+
+    def __init__(self, memory: float = 20.0):
+        self._keep = 1.0 - 1.0 / memory
+        # Per kind: decayed sums of 1, n, t, n*n, n*t.
+        self._sums: dict[Kind, list[float]] = {k: [0.0] * 5 for k in KINDS}
+
+    def observe(self, kind: Kind, units: int, seconds: float) -> None:
+        if units <= 0 or seconds <= 0:
+            return
+        s = self._sums[kind]
+        for i, x in enumerate((1.0, units, seconds, units * units, units * seconds)):
+            s[i] = s[i] * self._keep + x
+
+    def fit(self, kind: Kind) -> tuple[float, float]:
+        """(a, b): seconds per call and per unit, both >= 0; (0, 0) when unknown."""
+        w, sn, st, snn, snt = self._sums[kind]
+        if w == 0.0:
+            return 0.0, 0.0
+        mean_n, mean_t = sn / w, st / w
+        var_n = snn / w - mean_n * mean_n
+        if var_n > 0.01 * mean_n * mean_n:  # sizes vary enough to separate a from b
+            b = (snt / w - mean_n * mean_t) / var_n
+            a = mean_t - b * mean_n
+            if a >= 0.0 and b > 0.0:
+                return a, b
+        return 0.0, mean_t / mean_n
+
+    def seconds(self, kind: Kind, units: int, per_batch: int) -> float:
+        """Predicted time to compute `units` in batches of at most `per_batch` units."""
+        if units <= 0:
+            return 0.0
+        a, b = self.fit(kind)
+        return math.ceil(units / max(1, per_batch)) * a + b * units
+
+    def cap(self, kind: Kind, limit: int, target_s: float | None) -> int:
+        """Units per batch: at most `limit`, and predicted to take at most `target_s`."""
+        a, b = self.fit(kind)
+        if target_s is None or b == 0.0:
+            return limit
+        return max(1, min(limit, int((target_s - a) / b + 1e-9)))  # 1e-9: float rounding
 
 
 def group_by_length(head: WorkItem, others: Sequence[WorkItem], max_tokens: int) -> list[WorkItem]:

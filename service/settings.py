@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(64 * 77, ge=77)
     max_queue_items: int = Field(1024, ge=1)
     max_wait_ms: float = Field(0.0, ge=0)
+    # Batches are sized so their predicted compute time stays within this: on a CPU a
+    # ViT-B/32 batch of 32 takes ~1.5 s and is no faster per image than a batch of 10.
+    max_batch_compute_ms: float | None = Field(500.0, gt=0)
+    # Overload: refuse (503 + Retry-After) when the work already admitted is predicted to
+    # take longer than this, so accepted requests keep a bounded latency.
+    max_queue_wait_s: float | None = Field(1.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     # Watchdog: a batch running longer fails its requests and the worker carries on with
     # a fresh thread (see ModelWorker). Generous: a legitimate CPU batch takes seconds.
@@ -141,4 +147,7 @@ class Settings(BaseSettings):
             max_wait_ms=self.max_wait_ms,
             default_timeout_s=self.request_timeout_s,
             stall_timeout_s=self.stall_timeout_s,
+            max_batch_s=(None if self.max_batch_compute_ms is None
+                         else self.max_batch_compute_ms / 1e3),
+            max_queue_wait_s=self.max_queue_wait_s,
         )

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -30,6 +31,7 @@ from .batcher import (
     Backend,
     BatcherConfig,
     BatcherEvents,
+    CostModel,
     ItemResult,
     ItemState,
     Kind,
@@ -91,6 +93,7 @@ class ModelWorker:
         self._queues: dict[Kind, OrderedDict[int, WorkItem]] = {k: OrderedDict() for k in KINDS}
         self._queued_tokens = 0  # sum of text costs queued, to tell a full text batch
         self._outstanding = 0  # admitted, not yet answered (queued + on the model)
+        self._units: dict[Kind, int] = dict.fromkeys(KINDS, 0)  # their costs, by kind
         self._limits: dict[Kind, int] = {
             "image": self.config.max_batch_size,
             "text": self.config.max_batch_tokens,
@@ -100,7 +103,7 @@ class ModelWorker:
         self._batches: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()
         self._rejected = 0
-        self._sec_per_item = 0.0  # moving average, for Retry-After
+        self._costs = CostModel()  # for batch sizes, admission and Retry-After
         self._seq = itertools.count()
         self._running = False  # thread started and not ended
         self._warm = False
@@ -182,7 +185,7 @@ class ModelWorker:
             return WorkerStats(
                 queued={k: len(q) for k, q in self._queues.items()},
                 outstanding=self._outstanding,
-                batch_limits=dict(self._limits),
+                batch_limits={k: self._batch_limit(k) for k in KINDS},
                 batches=dict(self._batches),
                 dropped=dict(self._dropped),
                 rejected=self._rejected,
@@ -286,16 +289,19 @@ class ModelWorker:
         if refusal is not None:
             return refusal
         n = len(payloads)
-        if self._outstanding + n > self.config.max_queue_items:
+        wait_s = self._predicted_wait(req.kind)
+        limit_s = self.config.max_queue_wait_s
+        if (self._outstanding + n > self.config.max_queue_items
+                or (limit_s is not None and self._outstanding and wait_s > limit_s)):
             self._rejected += n
-            backlog_s = self._outstanding * self._sec_per_item
-            return Overloaded(min(max(backlog_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))
+            return Overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))
         for index, (payload, cost) in enumerate(zip(payloads, costs, strict=True)):
             item = WorkItem(next(self._seq), req, index, req.kind, payload, cost, deadline, now)
             req.items.append(item)
             self._queues[req.kind][item.seq] = item
             if req.kind == "text":
                 self._queued_tokens += cost
+            self._units[req.kind] += cost
         self._outstanding += n
         self._cond.notify()
         return None
@@ -407,7 +413,7 @@ class ModelWorker:
                 stuck = [it for it in cur.batch if it.state is ItemState.TAKEN]
                 for item in stuck:
                     item.state = ItemState.DONE
-                self._outstanding -= len(stuck)
+                self._settle(stuck)
                 give_up = self._abandoned > self.config.max_abandoned_threads
                 if give_up:
                     self._failed = True
@@ -483,8 +489,28 @@ class ModelWorker:
 
     def _full(self, kind: Kind) -> bool:
         if kind == "image":
-            return len(self._queues["image"]) >= self._limits["image"]
-        return self._queued_tokens >= self._limits["text"]
+            return len(self._queues["image"]) >= self._batch_limit("image")
+        return self._queued_tokens >= self._batch_limit("text")
+
+    def _batch_limit(self, kind: Kind) -> int:
+        """Lock held. Units per batch now: the memory limit, within the time budget."""
+        return self._costs.cap(kind, self._limits[kind], self.config.max_batch_s)
+
+    def _predicted_wait(self, kind: Kind) -> float:
+        """Lock held. Seconds until a new `kind` request's first batch would start.
+
+        Its own kind's outstanding work, plus the other kind's batches that alternate
+        with it (one per batch of `kind` still to run, at most the other's whole backlog).
+        """
+        costs = self._costs
+        other: Kind = "text" if kind == "image" else "image"
+        own_cap, other_cap = self._batch_limit(kind), self._batch_limit(other)
+        own = costs.seconds(kind, self._units[kind], own_cap)
+        other_backlog = costs.seconds(other, self._units[other], other_cap)
+        if other_backlog == 0.0:
+            return own
+        batches = 1 + math.ceil(self._units[kind] / own_cap)
+        return own + min(other_backlog, batches * costs.seconds(other, other_cap, other_cap))
 
     def _take_turn(self) -> Kind:
         # Smooth weighted round robin over batches: with image_share 0.5, strict alternation.
@@ -501,7 +527,8 @@ class ModelWorker:
         dropped: list[WorkItem] = []
         if kind == "image":
             batch: list[WorkItem] = []
-            while queue and len(batch) < self._limits["image"]:
+            limit = self._batch_limit("image")
+            while queue and len(batch) < limit:
                 item = next(iter(queue.values()))
                 if item.deadline <= now:
                     self._drop(item, "expired")
@@ -515,7 +542,8 @@ class ModelWorker:
                 (dropped if item.deadline <= now else window).append(item)
             for item in dropped:
                 self._drop(item, "expired")
-            batch = group_by_length(window[0], window[1:], self._limits["text"]) if window else []
+            batch = (group_by_length(window[0], window[1:], self._batch_limit("text"))
+                     if window else [])
             for item in batch:
                 self._remove(item)
         for item in batch:
@@ -532,7 +560,7 @@ class ModelWorker:
         """Lock held. A queued item leaves without an answer."""
         self._remove(item)
         item.state = ItemState.DROPPED
-        self._outstanding -= 1
+        self._settle([item])
         self._dropped[reason] += 1
 
     def _execute(self, kind: Kind, batch: list[WorkItem]) -> None:
@@ -590,7 +618,7 @@ class ModelWorker:
             return
         end = time.monotonic()
         compute_s = end - start
-        self._succeeded(kind, len(items), compute_s)
+        self._succeeded(kind, items, compute_s)
         self._emit("batch_done", kind, len(items), padded_tokens(kind, items), compute_s)
         self._deliver([
             (it, ItemResult(v, it.taken_at - it.enqueued_at, end - it.taken_at, len(items)))
@@ -620,10 +648,11 @@ class ModelWorker:
         log.warning("model %s: out of memory on a %s batch of %d; limit now %d %s",
                     self.name, kind, len(items), limit, "items" if kind == "image" else "tokens")
 
-    def _succeeded(self, kind: Kind, size: int, compute_s: float) -> None:
-        self._sec_per_item = 0.8 * self._sec_per_item + 0.2 * compute_s / size
+    def _succeeded(self, kind: Kind, items: list[WorkItem], compute_s: float) -> None:
         configured = self.config.max_batch_size if kind == "image" else self.config.max_batch_tokens
+        units = len(items) if kind == "image" else padded_tokens(kind, items)
         with self._cond:
+            self._costs.observe(kind, units, compute_s)
             self._batches[kind] += 1
             limit = self._limits[kind]
             if limit >= configured:
@@ -644,7 +673,13 @@ class ModelWorker:
         with self._cond:
             for item in items:
                 item.state = ItemState.DONE
-            self._outstanding -= len(items)
+            self._settle(items)
+
+    def _settle(self, items: list[WorkItem]) -> None:
+        """Lock held. `items` are no longer outstanding."""
+        self._outstanding -= len(items)
+        for item in items:
+            self._units[item.kind] -= item.cost
 
     # ---- plumbing ----
 

@@ -41,12 +41,14 @@ class FakeBackend:
         self,
         delay_s: float = 0.0,
         *,
+        per_item_s: float = 0.0,
         poison: Iterable[Any] = (),
         oom_above: int | None = None,
         hang_on: Iterable[Any] = (),
         fatal_on: Iterable[Any] = (),
     ):
         self.delay_s = delay_s
+        self.per_item_s = per_item_s  # a call sleeps delay_s + per_item_s x batch size
         self.poison = set(poison)
         self.oom_above = oom_above
         self.hang_on = set(hang_on)
@@ -80,8 +82,8 @@ class FakeBackend:
         self._record(kind, payloads, "ok")
         if any(p in self.hang_on for p in payloads):
             self._unhang.wait(timeout=10)
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.delay_s or self.per_item_s:
+            time.sleep(self.delay_s + self.per_item_s * len(payloads))
         return [(kind, p) for p in payloads]
 
     # ---- test controls ----

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fake_backend import FakeBackend
 
-from service.batcher import BatcherConfig, ItemResult, NoEvents, group_by_length
+from service.batcher import BatcherConfig, CostModel, ItemResult, NoEvents, group_by_length
 from service.errors import (
     BatchFailed,
     BatchStalled,
@@ -286,6 +286,85 @@ def test_overload_refuses_exactly_the_excess():
             assert worker.stats().rejected == 5
         assert events.of("rejected") == [("image", 4), ("image", 1)]
         assert not backend.seen() & ({f"r2-{i}" for i in range(4)} | {"r4-0"})
+
+    run(scenario)
+
+
+# ---- time budgets: batch compute and queue wait ----
+
+
+def test_the_cost_model_separates_the_cost_of_a_call_from_its_items():
+    costs = CostModel()
+    assert costs.fit("image") == (0.0, 0.0)  # unknown
+    assert costs.cap("image", 32, 0.5) == 32  # no estimate, no bound
+    for n in (1, 4, 8, 16, 2, 12, 6):
+        costs.observe("image", n, 0.05 + 0.01 * n)
+    a, b = costs.fit("image")
+    assert a == pytest.approx(0.05) and b == pytest.approx(0.01)
+    assert costs.cap("image", 64, 0.15) == 10  # 0.05 + 10 x 0.01
+    assert costs.cap("image", 8, 0.15) == 8  # the configured limit still binds
+    assert costs.cap("image", 64, 0.01) == 1  # never below one item
+    # 25 units in batches of 10: three calls and 25 items.
+    assert costs.seconds("image", 25, 10) == pytest.approx(3 * 0.05 + 25 * 0.01)
+    assert costs.fit("text") == (0.0, 0.0)  # kinds are learnt apart
+
+
+def test_the_cost_model_is_proportional_until_batch_sizes_vary():
+    costs = CostModel()
+    for _ in range(5):
+        costs.observe("text", 100, 0.2)
+    assert costs.fit("text") == pytest.approx((0.0, 0.002))
+    assert costs.cap("text", 10_000, 0.5) == 250
+
+
+def test_batches_are_sized_to_the_compute_budget():
+    # 10 ms a call + 5 ms an item: a 60 ms budget fits 10 items, far below the limit.
+    backend = FakeBackend(delay_s=0.01, per_item_s=0.005)
+
+    async def scenario():
+        async with serving(backend, max_batch_size=64, max_batch_s=0.06) as worker:
+            for n in (1, 3, 6, 2, 8):  # varied sizes teach both terms
+                await worker.submit_many("image", list(range(n)))
+            first = len(backend.batches)
+            results = await asyncio.gather(*(worker.submit("image", i) for i in range(100)))
+            assert len(results) == 100
+            sizes = [c.size for c in backend.batches[first:]]
+            assert sum(sizes) == 100
+            assert max(sizes) <= 12, sizes  # 10, give or take the sleep's jitter
+            assert statistics.median(sizes) >= 7, sizes  # and not needlessly small
+            assert worker.stats().batch_limits["image"] <= 12
+
+    run(scenario)
+
+
+def test_overload_refuses_by_predicted_wait_and_never_an_idle_worker():
+    backend = FakeBackend(per_item_s=0.01)
+    events = Recorder()
+
+    async def scenario():
+        async with serving(backend, events, max_queue_wait_s=0.2, max_batch_size=10) as worker:
+            for n in (1, 4, 10, 2, 7):
+                await worker.submit_many("image", list(range(n)))
+            # Idle: even a request far over the budget is taken.
+            assert len(await worker.submit_many("image", list(range(60)))) == 60
+            task = await blocked(worker, backend)
+            # 1 outstanding (~10 ms): admitted; then 30 more items are ~0.3 s of work.
+            big = asyncio.create_task(worker.submit_many("image", list(range(30))))
+            await until(lambda: worker.stats().outstanding == 31)
+            with pytest.raises(Overloaded) as refused:
+                await worker.submit("image", "late")
+            assert refused.value.retry_after >= 1.0
+            assert events.of("rejected") == [("image", 1)]
+            # Texts alternate with image batches: they wait for one, not for all of them.
+            text = asyncio.create_task(worker.submit("text", "quick", cost=5))
+            await until(lambda: worker.stats().outstanding == 32)
+            backend.resume()
+            assert (await text).value == ("text", "quick")
+            assert len(await big) == 30
+            await task
+            assert worker.stats().outstanding == 0
+            assert (await worker.submit("image", "again")).value == ("image", "again")
+        assert "late" not in backend.seen()
 
     run(scenario)
 
