@@ -40,7 +40,7 @@ from pathlib import Path
 import loadgen
 import torch
 from loadgen import Clients, RunConfig, percentiles, send, settle
-from serverproc import ServerDidNotStart, ServerProcess, proc_status_mb, rss_mb
+from serverproc import ServerDidNotStart, ServerProcess, cpu_s, proc_status_mb, rss_mb
 from workloads import Workload, image_pool
 
 BATCH_SIZES = [1, 4, 8, 16, 32]
@@ -150,6 +150,8 @@ def _median_of(runs: list[dict]) -> dict:
         "p99_s": med([x["latency_ok_s"]["p99"] if x["latency_ok_s"] else None for x in s]),
         "errors": sum(x["error"] + x["timeout"] + x["transport_error"] for x in s),
         "refused": sum(x["refused_503"] + x["refused_429"] for x in s),
+        "server_cpu_s": med([r.get("server_cpu_s") for r in runs]),
+        "client_cpu_share": med([r["client_cpu"]["share_of_one_core"] for r in runs]),
     }
 
 
@@ -187,8 +189,11 @@ async def _phases(args: argparse.Namespace, plan: Plan, server: ServerProcess) -
                             seed=args.seed + 100 * rep + i)  # fresh texts: no cache hits
             await settle(url)
             print(f"phase {name} ({rep + 1}/{args.repeats}): {cfg.describe()}", flush=True)
+            before = cpu_s(server.pid)
             report = await loadgen.run(cfg)
+            report["server_cpu_s"] = cpu_s(server.pid) - before
             print(loadgen.format_report(report), flush=True)
+            print(f"server CPU {report['server_cpu_s']:.1f} s", flush=True)
             runs[name].append(report)
     out["phases"] = {name: {"median": _median_of(r), "runs": r} for name, r in runs.items()}
     capacity = out["phases"]["image1"]["median"]["ok_per_s"] or 1.0
@@ -201,7 +206,9 @@ async def _phases(args: argparse.Namespace, plan: Plan, server: ServerProcess) -
                     seed=args.seed + 99)
     await settle(url)
     print(f"phase overload: {cfg.describe()}", flush=True)
+    before = cpu_s(server.pid)
     report, samples = await overload(cfg, server.pid)
+    report["server_cpu_s"] = cpu_s(server.pid) - before
     print(loadgen.format_report(report), flush=True)
     out["overload"] = {"report": report, "rss_samples": samples,
                        "rss": rss_flatness(samples, plan.rss_settle)}
@@ -300,13 +307,14 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|"]
     lines += [f"| {r['target']} | {r['measured']} | {r['reference']} | {r['result']} |"
               for r in report["targets"]]
-    lines += ["", "| phase | ok req/s | items/s | p50 ms | p99 ms | errors | refused |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| phase | ok req/s | items/s | p50 ms | p99 ms | errors | refused | "
+              "server CPU s | client CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, ph in svc["phases"].items():
         md = ph["median"]
         lines.append(f"| {name} | {md['ok_per_s']:.1f} | {md['items_per_s']:.1f} | "
                      f"{(md['p50_s'] or 0) * 1000:.0f} | {(md['p99_s'] or 0) * 1000:.0f} | "
-                     f"{md['errors']} | {md['refused']} |")
+                     f"{md['errors']} | {md['refused']} | {md['server_cpu_s'] or 0:.1f} | "
+                     f"{md['client_cpu_share']:.0%} of a core |")
     lines += ["", "raw, items/s by batch size: images " + ", ".join(
         f"{b}: {v:.1f}" for b, v in raw["image_per_s"].items()) + "; texts (ours) " + ", ".join(
         f"{b}: {v:.1f}" for b, v in raw["text_per_s"].items())]

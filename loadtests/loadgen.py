@@ -311,6 +311,7 @@ async def run(cfg: RunConfig, pool: ImagePool | None = None) -> dict:
     headers = {"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     clients = Clients(check_local(cfg.url), headers, cfg.timeout)
     scraper = clients.take()
+    cpu0 = time.process_time()
     try:
         t0 = time.perf_counter()
 
@@ -330,10 +331,14 @@ async def run(cfg: RunConfig, pool: ImagePool | None = None) -> dict:
         after = await _scrape(scraper) if cfg.scrape else None
     finally:
         await clients.aclose()
+    # The client shares the machine's cores with the server it measures: say how much.
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
 
     report: dict = {"config": {**asdict(cfg), "api_key": bool(cfg.api_key)},
                     "describe": cfg.describe(),
-                    "summary": summarise(records, cfg.warmup, cfg.warmup + cfg.duration)}
+                    "summary": summarise(records, cfg.warmup, cfg.warmup + cfg.duration),
+                    "client_cpu": {"seconds": cpu, "share_of_one_core": cpu / wall,
+                                   "ms_per_request": 1000 * cpu / max(1, len(records))}}
     kinds = sorted({r.kind for r in records})
     if len(kinds) > 1:
         report["by_kind"] = {
@@ -408,8 +413,11 @@ def format_report(report: dict) -> str:
                      f"{_ms(ks['latency_ok_s'], 'p90')} {_ms(ks['latency_ok_s'], 'p99')} "
                      f"{_ms(ks['latency_ok_s'], 'max')}  ({ks['ok']} ok, "
                      f"{ks['items_per_s']:.1f} items/s)")
-    if report.get("schedule_lag_s"):
-        lines.append(f"client send lag p99 {report['schedule_lag_s']['p99'] * 1000:.1f} ms")
+    c = report["client_cpu"]
+    lines.append(f"client CPU {c['share_of_one_core']:.0%} of a core, "
+                 f"{c['ms_per_request']:.2f} ms per request"
+                 + (f"; send lag p99 {report['schedule_lag_s']['p99'] * 1000:.1f} ms"
+                    if report.get("schedule_lag_s") else ""))
     for key, b in report.get("batch_sizes", {}).items():
         spread = "  ".join(f"{row['sizes']}:{row['batches']}" for row in b["buckets"]
                            if row["batches"])

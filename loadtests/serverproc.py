@@ -40,6 +40,13 @@ def rss_mb(pid: int) -> float:
     return proc_status_mb(pid, "VmRSS")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used, all its threads (/proc/PID/stat)."""
+    # The name field may hold spaces; the fields after its closing parenthesis do not.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ServerProcess:
     """`python -m service ARGS --host 127.0.0.1 --port PORT`, started at construction.
 
