@@ -39,11 +39,12 @@ class Settings(BaseSettings):
     max_queue_items: int = Field(1024, ge=1)
     max_wait_ms: float = Field(0.0, ge=0)
     # Batches are sized so their predicted compute time stays within this: on a CPU a
-    # ViT-B/32 batch of 32 takes ~1.5 s and is no faster per image than a batch of 10.
-    max_batch_compute_ms: float | None = Field(500.0, gt=0)
+    # ViT-B/32 batch of 32 takes ~1.5 s and is no faster per image than a batch of 8.
+    max_batch_compute_ms: float | None = Field(400.0, gt=0)
     # Overload: refuse (503 + Retry-After) when the work already admitted is predicted to
-    # take longer than this, so accepted requests keep a bounded latency.
-    max_queue_wait_s: float | None = Field(1.0, gt=0)
+    # take longer than this. An accepted request then waits at most about this plus one
+    # batch: under 2 s with the defaults, however large the overload.
+    max_queue_wait_s: float | None = Field(1.5, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     # Watchdog: a batch running longer fails its requests and the worker carries on with
     # a fresh thread (see ModelWorker). Generous: a legitimate CPU batch takes seconds.
