@@ -96,7 +96,7 @@ class RunConfig:
 
     def describe(self) -> str:
         load = (f"closed loop, {self.concurrency} callers" if self.mode == "closed"
-                else f"open loop, {self.rate:g} req/s Poisson")
+                else f"open loop, {self.rate:.4g} req/s Poisson")
         return (f"{self.workload}, {load}, {self.duration:g} s measured "
                 f"(+{self.warmup:g} s warm-up)")
 
@@ -435,7 +435,7 @@ def format_sweep(reports: list[dict]) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in reports:
         c, s = r["config"], r["summary"]
-        offered = f"{c['concurrency']} callers" if c["mode"] == "closed" else f"{c['rate']:g}/s"
+        offered = f"{c['concurrency']} callers" if c["mode"] == "closed" else f"{c['rate']:.4g}/s"
         lat = s["latency_ok_s"]
         lines.append(f"| {offered} | {s['ok_per_s']:.2f} | {s['items_per_s']:.2f} | "
                      f"{_ms(lat, 'p50').strip()} | {_ms(lat, 'p99').strip()} | "

@@ -19,7 +19,7 @@ def _offered(report: dict) -> float:
 def _label(report: dict) -> str:
     c = report["config"]
     return (f"{c['workload']}, {c['concurrency']} callers" if c["mode"] == "closed"
-            else f"{c['workload']}, {c['rate']:g}/s")
+            else f"{c['workload']}, {c['rate']:.4g}/s")
 
 
 def sweep(reports: list[dict], path: Path) -> Path:
