@@ -39,8 +39,9 @@ from pathlib import Path
 
 import loadgen
 import torch
-from loadgen import Clients, RunConfig, percentiles, send, settle
+from loadgen import Clients, RunConfig, send, settle
 from serverproc import ServerDidNotStart, ServerProcess, cpu_s, proc_status_mb, rss_mb
+from stats import format_report, percentiles
 from workloads import Workload, image_pool
 
 BATCH_SIZES = [1, 4, 8, 16, 32]
@@ -192,7 +193,7 @@ async def _phases(args: argparse.Namespace, plan: Plan, server: ServerProcess) -
             before = cpu_s(server.pid)
             report = await loadgen.run(cfg)
             report["server_cpu_s"] = cpu_s(server.pid) - before
-            print(loadgen.format_report(report), flush=True)
+            print(format_report(report), flush=True)
             print(f"server CPU {report['server_cpu_s']:.1f} s", flush=True)
             runs[name].append(report)
     out["phases"] = {name: {"median": _median_of(r), "runs": r} for name, r in runs.items()}
@@ -209,7 +210,7 @@ async def _phases(args: argparse.Namespace, plan: Plan, server: ServerProcess) -
     before = cpu_s(server.pid)
     report, samples = await overload(cfg, server.pid)
     report["server_cpu_s"] = cpu_s(server.pid) - before
-    print(loadgen.format_report(report), flush=True)
+    print(format_report(report), flush=True)
     out["overload"] = {"report": report, "rss_samples": samples,
                        "rss": rss_flatness(samples, plan.rss_settle)}
     return out

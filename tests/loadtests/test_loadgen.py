@@ -15,7 +15,8 @@ from PIL import Image
 # isort: split
 import loadgen
 import scrape
-from loadgen import Record, RunConfig, check_local, poisson_arrivals, summarise
+from loadgen import RunConfig, check_local, poisson_arrivals
+from stats import Record, summarise
 from workloads import MODERATION_LABELS, Workload, image_pool, photo_jpeg
 
 # ---- without a server ----
