@@ -46,10 +46,17 @@ class ServedModel:
     images: ImagePreparer
     texts: TextPreparer
     classifiers: OrderedDict[tuple, np.ndarray] = field(default_factory=OrderedDict)
+    # Label sets being embedded now: concurrent requests for a new set share one build.
+    building: dict[tuple, asyncio.Future[np.ndarray]] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
         return self.worker.ready
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -225,6 +232,9 @@ class Engine:
     async def embed_images(
         self, m: ServedModel, images: list[bytes], deadline: float
     ) -> np.ndarray:
+        # Decoding and resizing take CPU that accepted requests need: under overload,
+        # refuse before it, so that refusing stays cheap.
+        m.worker.check_admission("image", len(images))
         pixels = await m.images.prepare(images)
         results = await m.worker.submit_many("image", pixels, deadline=deadline)
         self._observe_waits(m.name, "image", results)
@@ -244,8 +254,23 @@ class Engine:
             prompts = format_prompts(labels, templates)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
-        emb, _ = await self.embed_texts(m, prompts, truncate=True, deadline=deadline)
-        clf = combine_prompts(torch.from_numpy(emb), len(labels)).numpy()
+        build = m.building.get(key)
+        if build is None:
+            # A task of its own, shielded below: a caller that leaves does not cancel
+            # the build the others wait for. It fails them all alike (503 when overloaded).
+            build = asyncio.ensure_future(self._build_classifier(m, key, prompts, len(labels),
+                                                                 deadline))
+            build.add_done_callback(_retrieved)  # also when every caller has left
+            m.building[key] = build
+        return await asyncio.shield(build)
+
+    async def _build_classifier(self, m: ServedModel, key: tuple, prompts: list[str],
+                                n_labels: int, deadline: float) -> np.ndarray:
+        try:
+            emb, _ = await self.embed_texts(m, prompts, truncate=True, deadline=deadline)
+        finally:
+            del m.building[key]
+        clf = combine_prompts(torch.from_numpy(emb), n_labels).numpy()
         m.classifiers[key] = clf
         if len(m.classifiers) > _CLASSIFIERS_KEPT:
             m.classifiers.popitem(last=False)

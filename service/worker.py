@@ -289,12 +289,9 @@ class ModelWorker:
         if refusal is not None:
             return refusal
         n = len(payloads)
-        wait_s = self._predicted_wait(req.kind)
-        limit_s = self.config.max_queue_wait_s
-        if (self._outstanding + n > self.config.max_queue_items
-                or (limit_s is not None and self._outstanding and wait_s > limit_s)):
-            self._rejected += n
-            return Overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))
+        overloaded = self._overloaded(req.kind, n)
+        if overloaded is not None:
+            return overloaded
         for index, (payload, cost) in enumerate(zip(payloads, costs, strict=True)):
             item = WorkItem(next(self._seq), req, index, req.kind, payload, cost, deadline, now)
             req.items.append(item)
@@ -304,6 +301,35 @@ class ModelWorker:
             self._units[req.kind] += cost
         self._outstanding += n
         self._cond.notify()
+        return None
+
+    def check_admission(self, kind: Kind, n: int) -> None:
+        """Raise what submitting `n` items of `kind` would raise now, reserving nothing.
+
+        For callers with costly preparation (decoding images): refusing before it makes
+        a 503 under overload cost little, so refusals do not eat the capacity that
+        accepted requests need. `submit_many` still decides.
+        """
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
+        if n > self.config.max_queue_items:
+            raise RequestTooLarge(n, self.config.max_queue_items)
+        with self._cond:
+            overloaded = self._overloaded(kind, n)
+        if overloaded is not None:
+            self._emit("rejected", kind, n)
+            raise overloaded
+
+    def _overloaded(self, kind: Kind, n: int) -> Overloaded | None:
+        """Lock held. Overloaded (counted as rejected) when `n` more items of `kind` may
+        not be admitted now, else None."""
+        wait_s = self._predicted_wait(kind)
+        limit_s = self.config.max_queue_wait_s
+        if (self._outstanding + n > self.config.max_queue_items
+                or (limit_s is not None and self._outstanding and wait_s > limit_s)):
+            self._rejected += n
+            return Overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))
         return None
 
     # ---- completion (event loop) ----

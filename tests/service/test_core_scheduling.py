@@ -1,0 +1,132 @@
+"""Engine-level scheduling on a tiny random model: shared classifier builds, and
+refusals made before any image is decoded."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import numpy as np
+import pytest
+from conftest import TINY_VIT, random_clip
+from PIL import Image
+
+from clip_core.checkpoint import save_checkpoint
+from clip_core.config import PreprocessConfig
+from service.core import Engine
+from service.errors import Overloaded
+from service.metrics import Metrics
+from service.settings import Settings
+
+PREP = PreprocessConfig(image_size=32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
+    save_checkpoint(random_clip(TINY_VIT, seed=5), path, PREP)
+    return path
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def run(scenario, timeout: float = 30.0):
+    return asyncio.run(asyncio.wait_for(scenario(), timeout))
+
+
+async def started(checkpoint, **settings) -> Engine:
+    engine = Engine(Settings(models=[str(checkpoint)], **settings), Metrics())
+    await engine.start()
+    return engine
+
+
+def test_concurrent_requests_for_a_new_label_set_embed_it_once(checkpoint):
+    labels = ["a cat", "a dog", "a bird"]
+
+    async def scenario():
+        engine = await started(checkpoint)
+        try:
+            m = engine.model(None)
+            calls = []
+            embed_texts = engine.embed_texts
+
+            async def counting(*args, **kwargs):
+                calls.append(args[1])
+                return await embed_texts(*args, **kwargs)
+
+            engine.embed_texts = counting
+            deadline = engine.deadline(None)
+            clfs = await asyncio.gather(*(engine.classifier(m, labels, None, deadline)
+                                          for _ in range(8)))
+            assert len(calls) == 1  # one build served all eight
+            for clf in clfs[1:]:
+                np.testing.assert_array_equal(clf, clfs[0])
+            await engine.classifier(m, labels, None, deadline)
+            assert len(calls) == 1  # and then the cache
+            assert not m.building
+        finally:
+            await engine.drain(5)
+
+    run(scenario)
+
+
+def test_a_caller_that_leaves_does_not_cancel_the_build_others_wait_for(checkpoint):
+    async def scenario():
+        engine = await started(checkpoint)
+        try:
+            m = engine.model(None)
+            deadline = engine.deadline(None)
+            first = asyncio.ensure_future(engine.classifier(m, ["x", "y"], None, deadline))
+            second = asyncio.ensure_future(engine.classifier(m, ["x", "y"], None, deadline))
+            await asyncio.sleep(0)
+            first.cancel()
+            clf = await second
+            assert clf.shape == (2, 64)
+            assert first.cancelled()
+        finally:
+            await engine.drain(5)
+
+    run(scenario)
+
+
+def test_under_overload_images_are_refused_before_they_are_decoded(checkpoint):
+    async def scenario():
+        engine = await started(checkpoint, max_queue_items=2)
+        m = engine.model(None)
+        gate = threading.Event()
+        run_batch = m.backend.run
+
+        def held(kind, payloads):
+            gate.wait(10)
+            return run_batch(kind, payloads)
+
+        m.backend.run = held
+        decoded = []
+        prepare = m.images.prepare
+
+        async def counting_prepare(images):
+            decoded.append(len(images))
+            return await prepare(images)
+
+        m.images.prepare = counting_prepare
+        try:
+            deadline = engine.deadline(None)
+            busy = asyncio.ensure_future(engine.embed_images(m, [_png(), _png()], deadline))
+            await asyncio.sleep(0.2)
+            assert m.worker.stats().outstanding == 2
+            with pytest.raises(Overloaded):
+                await engine.embed_images(m, [_png()], deadline)
+            assert decoded == [2]  # the refused image was never decoded
+            assert m.worker.stats().rejected == 1
+            gate.set()
+            assert (await busy).shape == (2, 64)
+        finally:
+            gate.set()
+            await engine.drain(5)
+
+    run(scenario)
