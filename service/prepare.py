@@ -12,8 +12,12 @@ Errors name the offending input by its index in the request ("image 3: ...").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
+import os
+import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +33,24 @@ from clip_core.tokenizer import Tokenizer
 from .errors import ImageFormatNotAllowed, ImageTooLarge
 
 log = logging.getLogger(__name__)
+
+# How much nicer than the process the decoding threads run. On a small CPU they share
+# cores with torch's threads, and a torch thread waiting for a core stalls its whole
+# parallel region (the others wait at the barrier): at a lower priority the decoders
+# give a core back to the model at once and use what it leaves. About +4% images/s
+# through the service on 2 cores (ViT-B/32, 16 callers), within the run-to-run noise
+# of single runs but consistent over three pairs.
+DECODER_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    if sys.platform != "linux":  # a thread id names one thread only on Linux
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + DECODER_NICENESS))
+
 
 # 8192 x 8192: a 50-megapixel photo passes; a decoded image is at most ~256 MB as RGBA,
 # and the pool decodes at most max_workers of them at once.
@@ -102,7 +124,8 @@ class ImagePreparer:
         self.max_frames = max_frames
         self.formats = tuple(f.upper() for f in formats)
         self.exif_orientation = exif_orientation
-        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="prepare-image")
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="prepare-image",
+                                            initializer=_lower_priority)
 
     async def prepare(self, images: Sequence[ImageBytes]) -> list[torch.Tensor]:
         """One uint8 (3, S, S) tensor per image, in order.

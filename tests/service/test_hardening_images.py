@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import sys
 import time
 import tracemalloc
 import zlib
@@ -246,3 +247,22 @@ def test_refusals_are_counted_by_type(client):
     before = metric(client, "clip_errors_total", type="invalid_image")
     _embed(client, b"\0" * 100)
     assert metric(client, "clip_errors_total", type="invalid_image") == before + 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux's")
+def test_decoders_run_at_a_lower_priority_than_the_model():
+    """The decoding threads yield a shared core to torch's threads (service.prepare)."""
+    import os
+    import threading
+
+    from service.prepare import DECODER_NICENESS
+
+    preparer = ImagePreparer(PREP, 1)
+    try:
+        ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        theirs = preparer._executor.submit(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result(5)
+        assert theirs == min(19, ours + DECODER_NICENESS)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours  # only them
+    finally:
+        preparer.close()
