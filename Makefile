@@ -13,7 +13,7 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench bench-service clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ test: install lint $(PROMETHEUS)
 
 bench: install
 	$(PY) loadtests/bench_model.py
+
+# The service against the raw model in one run (about 15 minutes on 2 cores): report.md,
+# report.json and plots in out/bench. docs/benchmarks.md explains it.
+bench-service: install
+	$(PY) loadtests/bench.py --model ViT-B-32 --dtype fp32 --repeats 3 --bf16 --out out/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

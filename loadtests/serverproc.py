@@ -61,11 +61,12 @@ class ServerProcess:
         *,
         stdout: int | IO | None = subprocess.DEVNULL,
         stderr: int | IO | None = None,
+        python: str | None = None,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", *args, "--host", "127.0.0.1",
+            [python or sys.executable, "-m", "service", *args, "--host", "127.0.0.1",
              "--port", str(self.port)],
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             cwd=ROOT, stdout=stdout, stderr=stderr,
