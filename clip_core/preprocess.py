@@ -124,8 +124,10 @@ class ImageTransform:
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """(3, S, S) uint8: the resized, cropped RGB image."""
-        rgb = np.array(self.rgb(image), dtype=np.uint8)  # (S, S, 3)
-        return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # HWC -> CHW
+        rgb = np.asarray(self.rgb(image), dtype=np.uint8)  # (S, S, 3)
+        # HWC -> CHW in numpy: torch would copy with a parallel kernel, and every thread
+        # that runs one keeps an OpenMP team (see service.backend on why that costs).
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, S, S) -> float32, in ToTensor's and Normalize's order of operations."""

@@ -10,6 +10,11 @@ Results are raw fp32 embeddings, one numpy vector (E,) per payload. Callers norm
 Threads: on CPU, torch's intra-op pool is set to `threads` (default: every core this
 process may use). The setting is process-wide; it suits one model per process, where
 the worker thread is the only one running the model. On CUDA it is left alone.
+It is also the only thread that should run parallel torch ops: libgomp keeps a team of
+threads for each thread that ever ran one, and when it manages more threads than there
+are cores it stops spinning between regions, which slowed a 2-core CPU's forward passes
+by 20-25%. Hence the model loads in a thread that then ends (service.core) and image
+preprocessing makes its tensors without torch kernels (clip_core.preprocess).
 """
 
 from __future__ import annotations

@@ -130,3 +130,36 @@ def test_under_overload_images_are_refused_before_they_are_decoded(checkpoint):
             await engine.drain(5)
 
     run(scenario)
+
+
+def _threads() -> int:
+    import os
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux /proc")
+def test_preprocessing_in_another_thread_starts_no_openmp_team():
+    """Only the worker thread should own an OpenMP team (service.backend explains why)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clip_core.preprocess import ImageTransform
+
+    transform = ImageTransform(PreprocessConfig(image_size=224))
+    image = Image.new("RGB", (640, 480), (10, 120, 200))
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: None).result()
+        before = _threads()
+        pixels = pool.submit(transform.pixels, image).result()
+        assert _threads() == before  # no helper threads left behind by a parallel kernel
+    assert pixels.shape == (3, 224, 224) and pixels.is_contiguous()
+
+
+def test_the_model_loads_in_a_thread_that_ends(checkpoint):
+    async def scenario():
+        engine = await started(checkpoint)
+        try:
+            assert not [t for t in threading.enumerate() if t.name.startswith("load-model")]
+        finally:
+            await engine.drain(5)
+
+    run(scenario)
