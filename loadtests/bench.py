@@ -86,6 +86,7 @@ def machine() -> dict:
         "cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
         "avx512_bf16": "avx512_bf16" in flags, "torch": torch.__version__,
         "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -160,7 +161,7 @@ def _median_of(runs: list[dict]) -> dict:
 
 def run_service(args: argparse.Namespace, plan: Plan, out: Path) -> dict:
     server_args = ["--model", args.model, "--random-weights", "--log-format", "text",
-                   "--dtype", args.dtype, *args.server_arg]
+                   "--dtype", args.dtype, "--device", args.device, *args.server_arg]
     result: dict = {"server_args": server_args, "server_env": args.server_env,
                     "server_python": args.server_python or sys.executable}
     print(f"server: python -m service {' '.join(server_args)}", flush=True)
@@ -359,7 +360,9 @@ def _env_pair(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="ViT-B-32", help="registry name (built with random weights)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda; the targets are the CPU's (loadtests/gpu_check.sh)")
     p.add_argument("--out", type=Path, required=True, help="folder for report.json and plots")
     p.add_argument("--duration", type=float, help="seconds per closed-loop phase (30)")
     p.add_argument("--warmup", type=float, help="seconds sent first in each phase (5)")
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
     raw = bench_raw.measure(args.model, args.dtype, BATCH_SIZES, plan.raw_min_time,
                             plan.raw_repeats, latency_calls=max(10, plan.idle_requests),
-                            bf16=args.bf16)
+                            bf16=args.bf16, device=args.device)
     try:
         service = run_service(args, plan, args.out)
     except ServerDidNotStart as e:
@@ -407,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {e}; the end of {args.out / 'server.log'}:\n" + "\n".join(log),
               file=sys.stderr)
         return 2
-    report = {"model": args.model, "dtype": args.dtype,
+    report = {"model": args.model, "dtype": args.dtype, "device": args.device,
               "machine": {**machine(), "loadavg_1min_before": load_before},
               "plan": asdict(plan), "raw": raw, "service": service}
     report["targets"] = targets(raw, service)

@@ -27,9 +27,13 @@ from clip_core.tokenizer import Tokenizer
 
 
 def _call(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], None]:
+    # On CUDA a call returns before the kernels finish: wait for them, or we time launches.
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
     def call() -> None:
         with torch.inference_mode():
             fn(x)
+        sync()
     return call
 
 
@@ -52,12 +56,14 @@ def best(by_batch: dict[int, float]) -> dict:
 def image_inputs(model: CLIP, batch_sizes: list[int]) -> dict[int, torch.Tensor]:
     size = model.config.vision.image_size
     g = torch.Generator().manual_seed(0)
-    return {bs: torch.randn(bs, 3, size, size, generator=g).to(model.dtype) for bs in batch_sizes}
+    return {bs: torch.randn(bs, 3, size, size, generator=g).to(model.device, model.dtype)
+            for bs in batch_sizes}
 
 
-def text_inputs(batch_sizes: list[int], tokenizer: Tokenizer) -> dict[int, torch.Tensor]:
+def text_inputs(batch_sizes: list[int], tokenizer: Tokenizer,
+                device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
     """(B, 77) ids of 2-12 word texts: ours trims them, open_clip computes all 77."""
-    return {bs: tokenizer(short_texts(bs, seed=bs)).ids for bs in batch_sizes}
+    return {bs: tokenizer(short_texts(bs, seed=bs)).ids.to(device) for bs in batch_sizes}
 
 
 def batch1_latency_s(model: CLIP, n: int) -> float:
@@ -105,12 +111,13 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 
 def measure(model_name: str, dtype: str, batch_sizes: list[int], min_time: float,
-            repeats: int, latency_calls: int, bf16: bool) -> dict:
+            repeats: int, latency_calls: int, bf16: bool, device: str = "cpu") -> dict:
     """Every raw number the benchmark's targets refer to, in this process."""
-    loaded = load(model_name, dtype=dtype, random_weights=True, progress=False)
+    loaded = load(model_name, device=device, dtype=dtype, random_weights=True, progress=False)
     model, tokenizer = loaded.model.eval(), Tokenizer()
-    texts = text_inputs(batch_sizes, tokenizer)
+    texts = text_inputs(batch_sizes, tokenizer, model.device)
     out: dict = {"model": loaded.name, "dtype": str(model.dtype).removeprefix("torch."),
+                 "device": str(model.device),
                  "threads": torch.get_num_threads(), "batch_sizes": batch_sizes}
     print("raw: images ...", flush=True)
     out["image_per_s"] = rates(model.encode_image, image_inputs(model, batch_sizes),
@@ -122,7 +129,7 @@ def measure(model_name: str, dtype: str, batch_sizes: list[int], min_time: float
     out["text_per_s"] = rates(model.encode_text, texts, min_time, repeats)
     out["text_best"] = best(out["text_per_s"])
     try:
-        ref = open_clip_text_model(model.config).to(model.dtype)
+        ref = open_clip_text_model(model.config).to(model.device, model.dtype)
     except Exception as e:  # not installed, or a shape open_clip cannot build
         out["open_clip"] = {"unavailable": f"{type(e).__name__}: {e}"}
     else:
@@ -130,7 +137,7 @@ def measure(model_name: str, dtype: str, batch_sizes: list[int], min_time: float
         per_s = rates(ref.encode_text, texts, min_time, repeats)
         out["open_clip"] = {"text77_per_s": per_s, "text77_best": best(per_s)}
         del ref
-    if bf16:
+    if bf16 and model.device.type == "cpu":
         print("raw: bf16 against fp32 ...", flush=True)
         out["bf16"] = compare_bf16(model, loaded, tokenizer, batch_sizes, min_time, repeats)
     del model, loaded
