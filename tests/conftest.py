@@ -1,12 +1,22 @@
-"""Shared fixtures: seeded random CLIP weights at real sizes, and the GPU marker."""
+"""Shared fixtures: seeded random CLIP weights at real sizes, the GPU marker, reading a
+metrics scrape, and loadtests/ on the import path (its server process serves the tests)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from clip_core.config import CLIPConfig, TextConfig, VisionConfig, load_architecture
 from clip_core.model import CLIP
+
+# loadtests/ holds scripts, not a package: they import each other by name, and so do we.
+LOADTESTS = Path(__file__).resolve().parents[1] / "loadtests"
+if str(LOADTESTS) not in sys.path:
+    sys.path.insert(0, str(LOADTESTS))
 
 # Small but complete shapes: every code path at a fraction of a second per model.
 TINY_VIT = CLIPConfig(
@@ -73,3 +83,11 @@ def vit_b32() -> CLIP:
 @pytest.fixture(scope="session")
 def rn50() -> CLIP:
     return random_clip("RN50", seed=2)
+
+
+def metric_total(exposition: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`, in a /metrics text."""
+    return sum(sample.value for family in text_string_to_metric_families(exposition)
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v
+                                              for k, v in labels.items()))

@@ -1,19 +1,9 @@
-"""loadtests/ on the import path, and a real server on 127.0.0.1 for the tests here.
-
-loadtests/ holds scripts, not a package; its modules import each other by name, as they
-do when run as `python loadtests/NAME.py`.
-"""
+"""A real server on 127.0.0.1 for the tests here (loadtests/ is put on the import path by
+tests/conftest.py: it holds scripts that import each other by name)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
-if str(LOADTESTS) not in sys.path:
-    sys.path.insert(0, str(LOADTESTS))
-
-from serverproc import ServerProcess  # noqa: E402 (needs the path above)
+from serverproc import ServerProcess  # loadtests/ is on the path: tests/conftest.py
 
 
 def start_server(**env: str) -> ServerProcess:

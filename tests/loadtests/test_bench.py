@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from loadtest_support import LOADTESTS  # first: it puts loadtests/ on the path
+from conftest import LOADTESTS
 from PIL import Image
 
 # isort: split

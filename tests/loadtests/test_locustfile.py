@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from loadtest_support import LOADTESTS, start_server
+from conftest import LOADTESTS
+from loadtest_support import start_server
 
 LOCUST = shutil.which("locust", path=str(Path(sys.executable).parent))
 pytestmark = pytest.mark.skipif(LOCUST is None, reason="locust comes with the test extra")

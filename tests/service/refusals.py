@@ -11,10 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from conftest import TINY_VIT, random_clip
+from conftest import TINY_VIT, metric_total, random_clip
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from clip_core.checkpoint import save_checkpoint
 from clip_core.config import PreprocessConfig
@@ -53,13 +52,7 @@ def b64(data: bytes) -> str:
 
 
 def metric(client: TestClient | httpx.Client, name: str, **labels) -> float:
-    text = client.get("/metrics").text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    return metric_total(client.get("/metrics").text, name, **labels)
 
 
 def served(client: TestClient, headers: dict | None = None) -> None:

@@ -154,11 +154,24 @@ def test_preprocessing_in_another_thread_starts_no_openmp_team():
     assert pixels.shape == (3, 224, 224) and pixels.is_contiguous()
 
 
-def test_the_model_loads_in_a_thread_that_ends(checkpoint):
+def test_the_model_loads_in_a_thread_that_ends(checkpoint, monkeypatch):
+    import service.core
+
+    loaders: list[threading.Thread] = []
+    load = service.core.load
+
+    def recording_load(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(service.core, "load", recording_load)
+
     async def scenario():
         engine = await started(checkpoint)
         try:
-            assert not [t for t in threading.enumerate() if t.name.startswith("load-model")]
+            assert len(loaders) == 1
+            assert loaders[0] is not threading.main_thread()  # off the event loop
+            assert not loaders[0].is_alive()  # and its OpenMP team is gone with it
         finally:
             await engine.drain(5)
 
