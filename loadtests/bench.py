@@ -326,6 +326,11 @@ def markdown(report: dict) -> str:
     if "text77_per_s" in raw.get("open_clip", {}):
         lines.append("open_clip texts (77 positions): " + ", ".join(
             f"{b}: {v:.1f}" for b, v in raw["open_clip"]["text77_per_s"].items()))
+    if "streams" in raw:
+        st = raw["streams"]
+        lines.append(f"raw, two streams side by side on one core each (the server's CPU default):"
+                     f" images {st['image_per_s']:.1f}/s at batch {st['image_batch']}, texts "
+                     f"{st['text_per_s']:.1f}/s at batch {st['text_batch']}")
     lines.append(f"raw batch-1 image {raw['image_batch1_ms']:.1f} ms; decode + resize of one "
                  f"test JPEG {raw['preprocess_ms']:.1f} ms")
     if "bf16" in raw:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import gc
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,6 +47,29 @@ def rates(fn: Callable[[torch.Tensor], object], inputs: dict[int, torch.Tensor],
         call()
         out[bs] = statistics.median(_rate(call, bs, min_time) for _ in range(repeats))
     return out
+
+
+def side_by_side(fn: Callable[[torch.Tensor], object], x: torch.Tensor, streams: int,
+                 min_time: float) -> float:
+    """Items/s of `streams` threads each calling fn(x) on its share of the cores at once:
+    the ceiling the server's CPU streams (service.batcher) aim at."""
+    share = max(1, torch.get_num_threads() // streams)
+    ready = threading.Barrier(streams)
+    rates_: list[float] = []
+
+    def work() -> None:
+        torch.set_num_threads(share)  # this thread's own pool (OpenMP's count is per thread)
+        call = _call(fn, x)
+        call()
+        ready.wait()
+        rates_.append(_rate(call, x.shape[0], min_time))
+
+    threads = [threading.Thread(target=work) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(rates_)
 
 
 def best(by_batch: dict[int, float]) -> dict:
@@ -137,6 +161,15 @@ def measure(model_name: str, dtype: str, batch_sizes: list[int], min_time: float
         per_s = rates(ref.encode_text, texts, min_time, repeats)
         out["open_clip"] = {"text77_per_s": per_s, "text77_best": best(per_s)}
         del ref
+    if model.device.type == "cpu" and out["threads"] >= 2:
+        print("raw: two streams side by side ...", flush=True)
+        ib, tb = out["image_best"]["batch"], out["text_best"]["batch"]
+        out["streams"] = {
+            "streams": 2, "image_batch": ib, "text_batch": tb,
+            "image_per_s": side_by_side(model.encode_image, image_inputs(model, [ib])[ib], 2,
+                                        min_time),
+            "text_per_s": side_by_side(model.encode_text, texts[tb], 2, min_time),
+        }
     if bf16 and model.device.type == "cpu":
         print("raw: bf16 against fp32 ...", flush=True)
         out["bf16"] = compare_bf16(model, loaded, tokenizer, batch_sizes, min_time, repeats)

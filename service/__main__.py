@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None) -> dict:
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--max-batch-compute-ms", type=float)
     p.add_argument("--max-queue-wait-s", type=float)
+    p.add_argument("--streams", type=int)
+    p.add_argument("--torch-threads", type=int)
     p.add_argument("--request-timeout-s", type=float)
     p.add_argument("--cache-dir")
     p.add_argument("--offline", action="store_const", const=True)

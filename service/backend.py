@@ -7,20 +7,24 @@ padding. `run` only collates, moves to the device, runs the model and splits the
 Results are raw fp32 embeddings, one numpy vector (E,) per payload. Callers normalise
 (the API's default) or not (`normalize: false`); one cached text vector serves both.
 
-Threads: on CPU, torch's intra-op pool is set to `threads` (default: every core this
-process may use). The setting is process-wide; it suits one model per process, where
-the worker thread is the only one running the model. On CUDA it is left alone.
-It is also the only thread that should run parallel torch ops: libgomp keeps a team of
-threads for each thread that ever ran one, and when it manages more threads than there
-are cores it stops spinning between regions, which slowed a 2-core CPU's forward passes
-by 20-25%. Hence the model loads in a thread that then ends (service.core) and image
-preprocessing makes its tensors without torch kernels (clip_core.preprocess).
+Threads: on CPU the model gets `threads` cores (default: every core this process may
+use), shared out over the worker's streams by `place`: with two streams on two cores,
+each batch runs single-threaded, except that a batch running alone on stream 0 uses
+both. torch's thread count belongs to the calling thread (OpenMP's setting is per
+thread), so each serving thread sets its own. On CUDA it is left alone.
+Only the serving threads should run parallel torch ops: libgomp keeps a team of threads
+for each thread that ever ran one, and when it manages more threads than there are cores
+it stops spinning between regions, which slowed a 2-core CPU's forward passes by 20-25%.
+Hence only stream 0 ever runs wide, the model loads in a thread that then ends
+(service.core), and image preprocessing makes its tensors without torch kernels
+(clip_core.preprocess).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -85,6 +89,7 @@ class ClipBackend:
         self._std = torch.tensor(self.preprocess.std, dtype=torch.float32,
                                  device=self.device).view(3, 1, 1)
         self._cuda = self.device.type == "cuda"
+        self._local = threading.local()  # .threads: what this thread last set torch to
 
     @property
     def logit_scale(self) -> float:
@@ -97,10 +102,7 @@ class ClipBackend:
         """An image batch and a text batch of realistic shape; on CUDA also the largest
         batches the batcher may form, so their memory is reserved before traffic."""
         if not self._cuda:
-            # Here, on the worker thread: threads that ran torch before keep their count.
-            n = self.threads or _usable_cores()
-            torch.set_num_threads(n)
-            log.info("model %s: %d CPU threads", self.info.name, n)
+            self._use_threads(self.cpu_threads)
         g = torch.Generator().manual_seed(0)
         self.run("image", self._warmup_images(min(4, self.batching.max_batch_size), g))
         self.run("text", [self._warmup_text(n, g) for n in _WARMUP_TEXT_LENGTHS])
@@ -121,6 +123,28 @@ class ClipBackend:
                             "batches will shrink", self.info.name, kind, len(payloads),
                             self.device)
         torch.cuda.synchronize(self.device)
+
+    @property
+    def cpu_threads(self) -> int:
+        """Cores the model may use on CPU, all streams together."""
+        return self.threads or _usable_cores()
+
+    def place(self, stream: int, streams: int, alone: bool) -> None:
+        """Size the calling serving thread's torch pool for its next batch: every core
+        when alone on stream 0, else stream `stream`'s share of them."""
+        if self._cuda:
+            return
+        total = self.cpu_threads
+        if alone and stream == 0:
+            self._use_threads(total)
+        else:  # an even split; the first streams take what does not divide
+            self._use_threads(max(1, total // streams + (stream < total % streams)))
+
+    def _use_threads(self, n: int) -> None:
+        # Only on a change: torch.set_num_threads also clears oneDNN's primitive cache.
+        if getattr(self._local, "threads", None) != n:
+            torch.set_num_threads(n)
+            self._local.threads = n
 
     def run(self, kind: Kind, payloads: list[object]) -> list[np.ndarray]:
         """One fp32 (E,) vector per payload, in order. OutOfMemory when the batch does not

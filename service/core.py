@@ -7,6 +7,7 @@ errors are domain errors, turned into status codes by `service.api.errors`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -72,6 +73,17 @@ async def _in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) ->
     with ThreadPoolExecutor(1, thread_name_prefix="load-model") as pool:
         return await asyncio.get_running_loop().run_in_executor(
             pool, functools.partial(fn, *args, **kwargs))
+
+
+def _default_streams(backend: ClipBackend) -> int:
+    """Two streams on a CPU with two cores or more, one on a GPU (see service.batcher).
+
+    Two single-threaded batches side by side beat one batch on both cores of a 2-core
+    CPU by 17% for ViT-B/32 images and 36% for short texts, before any contention with
+    the HTTP layer, and a lone request still gets both cores. More streams on larger
+    CPUs are not measured here, so two stays the default.
+    """
+    return 2 if backend.device.type == "cpu" and backend.cpu_threads >= 2 else 1
 
 
 def _retrieved(task: asyncio.Future) -> None:
@@ -145,7 +157,11 @@ class Engine:
             offline=s.offline, random_weights=s.random_weights, progress=False,
         )
         backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
-        worker = ModelWorker(backend, s.batcher(), name=loaded.name,
+        batching = dataclasses.replace(s.batcher(), streams=s.streams or _default_streams(backend))
+        if device == "cpu":
+            log.info("model %s: %d CPU threads, %d stream(s)", loaded.name,
+                     backend.cpu_threads, batching.streams)
+        worker = ModelWorker(backend, batching, name=loaded.name,
                              events=self.metrics.for_worker(loaded.name))
         await worker.start()  # WorkerUnavailable when the warm-up fails; nothing is kept
         images = ImagePreparer(

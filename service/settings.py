@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     cache_size: int = Field(10_000, ge=0)  # text embeddings kept, per process
     prepare_workers: int = Field(2, ge=1)  # threads decoding and resizing images
     torch_threads: int | None = Field(None, ge=1)  # CPU intra-op threads; None: all cores
+    # Batches computed side by side per model, each on its share of torch_threads (see
+    # service.batcher). None: 2 on a CPU with 2 or more cores, else 1.
+    streams: int | None = Field(None, ge=1)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -151,4 +154,5 @@ class Settings(BaseSettings):
             max_batch_s=(None if self.max_batch_compute_ms is None
                          else self.max_batch_compute_ms / 1e3),
             max_queue_wait_s=self.max_queue_wait_s,
+            streams=self.streams or 1,
         )

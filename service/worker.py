@@ -1,11 +1,11 @@
-"""One worker per model: asyncio callers in front, a dedicated thread behind.
+"""One worker per model: asyncio callers in front, dedicated threads behind.
 
 Callers on the event loop submit prepared items (pixels, token ids: decoding and
 tokenising happen before an item is queued, overlapping the model). A request with ten
 images is ten items; they may ride in different batches and the request completes when
-all of them have. The worker thread owns the backend and runs one batch at a time, so the
-event loop never blocks; results go back with `loop.call_soon_threadsafe`. The rules it
-applies are in `service.batcher`.
+all of them have. The worker's serving threads (one per stream) own the backend and each
+runs one batch at a time, so the event loop never blocks; results go back with
+`loop.call_soon_threadsafe`. The rules they apply are in `service.batcher`.
 
 This module imports neither torch nor the HTTP layer.
 """
@@ -63,7 +63,7 @@ class _Abandoned(BaseException):
 
 @dataclass
 class _Running:
-    """The batch the serving thread of generation `gen` is executing."""
+    """The batch a stream's serving thread of generation `gen` is executing."""
 
     gen: int
     kind: Kind
@@ -72,7 +72,7 @@ class _Running:
 
 
 class ModelWorker:
-    """Batches items for one model and runs them on a dedicated thread.
+    """Batches items for one model and runs them on dedicated threads (`config.streams`).
 
     Bound to the event loop that calls `start`; submit from that loop only.
     """
@@ -100,6 +100,7 @@ class ModelWorker:
         }
         self._ok_since_oom: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._credit: dict[Kind, float] = dict.fromkeys(KINDS, 0.0)
+        self._last_arrival: dict[Kind, float] = dict.fromkeys(KINDS, 0.0)
         self._batches: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()
         self._rejected = 0
@@ -109,15 +110,17 @@ class ModelWorker:
         self._warm = False
         self._draining = False
         self._stopping = False
-        # Watchdog: each serving thread has a generation; a stalled one is abandoned and a
-        # new generation serves. Its own call, when it returns, finds itself stale.
-        self._generation = 0
-        self._current: _Running | None = None
+        # Watchdog: each stream's serving thread has a generation; a stalled one is
+        # abandoned and a new generation serves that stream. Its own call, when it
+        # returns, finds itself stale.
+        self._streams = self.config.streams
+        self._generation = [0] * self._streams
+        self._current: dict[int, _Running] = {}  # by stream: the batches being computed
         self._abandoned = 0  # stuck threads not yet returned
-        self._failed = False  # the serving thread ended without being asked to
+        self._failed = False  # a serving thread ended without being asked to
         self._local = threading.local()
         self._stop_watch = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []  # the current thread of each stream
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started: asyncio.Future[None] | None = None
         self._live: set[Request] = set()  # awaited requests; touched on the loop only
@@ -125,16 +128,16 @@ class ModelWorker:
     # ---- lifecycle (event loop) ----
 
     async def start(self) -> None:
-        """Start the thread and wait for the backend's warm-up; WorkerUnavailable if it fails."""
-        if self._thread is not None:
+        """Start the threads and wait for the backend's warm-up; WorkerUnavailable if it
+        fails. Stream 0 warms up; the other streams serve once it has."""
+        if self._threads:
             raise RuntimeError(f"worker {self.name} was already started")
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.create_future()
         self._running = True
-        self._thread = threading.Thread(
-            target=self._main, name=f"model-worker-{self.name}", daemon=True
-        )
-        self._thread.start()
+        self._threads = [self._thread_for(stream, 0) for stream in range(self._streams)]
+        for thread in self._threads:
+            thread.start()
         if self.config.stall_timeout_s is not None:
             threading.Thread(target=self._watch, name=f"watchdog-{self.name}",
                              daemon=True).start()
@@ -173,12 +176,11 @@ class ModelWorker:
             self._stopping = True
             self._cond.notify_all()
         self._stop_watch.set()
-        if self._thread is not None and self._thread.is_alive():
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                None, self._thread.join, max(0.0, end - time.monotonic())
-            )
-        return finished and not (self._thread is not None and self._thread.is_alive())
+        loop = asyncio.get_running_loop()
+        for thread in list(self._threads):
+            if thread.is_alive():
+                await loop.run_in_executor(None, thread.join, max(0.0, end - time.monotonic()))
+        return finished and not any(t.is_alive() for t in self._threads)
 
     def stats(self) -> WorkerStats:
         with self._cond:
@@ -300,7 +302,8 @@ class ModelWorker:
                 self._queued_tokens += cost
             self._units[req.kind] += cost
         self._outstanding += n
-        self._cond.notify()
+        self._last_arrival[req.kind] = now
+        self._cond.notify_all()  # with streams, the one to take it may not be the first woken
         return None
 
     def check_admission(self, kind: Kind, n: int) -> None:
@@ -375,12 +378,21 @@ class ModelWorker:
 
     # ---- the worker thread ----
 
-    def _main(self, gen: int = 0) -> None:
-        """A serving thread: generation 0 warms the backend up first."""
+    def _thread_for(self, stream: int, gen: int) -> threading.Thread:
+        suffix = "" if self._streams == 1 else f"-s{stream}"
+        suffix += "" if gen == 0 else f"-{gen}"
+        return threading.Thread(target=self._main, args=(stream, gen),
+                                name=f"model-worker-{self.name}{suffix}", daemon=True)
+
+    def _main(self, stream: int = 0, gen: int = 0) -> None:
+        """A serving thread: stream 0's first generation warms the backend up first, and
+        the other streams wait for it."""
+        self._local.stream = stream
         self._local.gen = gen
         try:
-            if gen == 0:
+            if stream == 0 and gen == 0:
                 try:
+                    self._place(alone=True)
                     self.backend.warmup()
                 except Exception as err:
                     log.exception("model %s: warm-up failed", self.name)
@@ -388,23 +400,29 @@ class ModelWorker:
                     return
                 with self._cond:
                     self._warm = True
+                    self._cond.notify_all()
                 self._post(self._set_started, None)
+            else:
+                with self._cond:
+                    while not (self._warm or self._stopping or not self._running):
+                        self._cond.wait()
             self._serve()
         except _Abandoned:
             pass
         except BaseException:  # the thread ends either way; say so and let nobody wait on it
             log.critical("model %s: worker thread stopped unexpectedly", self.name, exc_info=True)
         finally:
-            self._thread_ended(gen)
+            self._thread_ended(stream, gen)
 
-    def _thread_ended(self, gen: int) -> None:
+    def _thread_ended(self, stream: int, gen: int) -> None:
         with self._cond:
-            if gen != self._generation:  # an abandoned thread whose call returned at last
+            if gen != self._generation[stream]:  # abandoned, and its call returned at last
                 self._abandoned -= 1
                 log.warning("model %s: a stalled batch returned after all; its thread ends",
                             self.name)
                 return
-            self._failed = self._warm and not self._stopping
+            # One stream ending unasked fails the worker: it does not serve at part speed.
+            self._failed = self._failed or (self._warm and not self._stopping)
         self._stop_serving()
 
     def _stop_serving(self) -> None:
@@ -412,6 +430,7 @@ class ModelWorker:
         self._stop_watch.set()
         with self._cond:
             self._running = False
+            self._cond.notify_all()  # the other streams' threads end too
             left = {kind: list(queue.values()) for kind, queue in self._queues.items()}
             for item in itertools.chain(*left.values()):
                 self._drop(item, "stopped")
@@ -427,15 +446,17 @@ class ModelWorker:
         limit = self.config.stall_timeout_s
         assert limit is not None
         while not self._stop_watch.wait(min(limit / 4, 1.0)):
+            now = time.monotonic()
             with self._cond:
-                cur = self._current
-                if (cur is None or cur.call_started is None
-                        or time.monotonic() - cur.call_started <= limit):
+                late = [(stream, cur) for stream, cur in self._current.items()
+                        if cur.call_started is not None and now - cur.call_started > limit]
+                if not late:
                     continue
                 # Give up on the stuck thread: its batch fails, a new generation serves.
-                self._generation += 1
+                stream, cur = late[0]
+                self._generation[stream] += 1
                 self._abandoned += 1
-                self._current = None
+                del self._current[stream]
                 stuck = [it for it in cur.batch if it.state is ItemState.TAKEN]
                 for item in stuck:
                     item.state = ItemState.DONE
@@ -443,7 +464,7 @@ class ModelWorker:
                 give_up = self._abandoned > self.config.max_abandoned_threads
                 if give_up:
                     self._failed = True
-                gen = self._generation
+                gen = self._generation[stream]
             log.error("model %s: a %s batch of %d ran past %g s; its requests fail%s",
                       self.name, cur.kind, len(cur.batch), limit,
                       "; too many stuck threads, the model stops serving" if give_up
@@ -455,9 +476,8 @@ class ModelWorker:
             if give_up:
                 self._stop_serving()
                 return
-            thread = threading.Thread(target=self._main, args=(gen,),
-                                      name=f"model-worker-{self.name}-{gen}", daemon=True)
-            self._thread = thread
+            thread = self._thread_for(stream, gen)
+            self._threads[stream] = thread
             thread.start()
 
     def _set_started(self, error: BaseException | None) -> None:
@@ -472,28 +492,41 @@ class ModelWorker:
             self._started.set_exception(failure)
 
     def _serve(self) -> None:
-        gen = self._local.gen
+        stream, gen = self._local.stream, self._local.gen
         while True:
             with self._cond:
-                if gen != self._generation:
+                if gen != self._generation[stream]:
                     return
-                step = self._next_batch()
+                step = self._next_batch(stream)
                 if step is None:
                     return
                 kind, batch, dropped = step
                 depth = len(self._queues[kind])
+                # Alone: nothing else computing or queued, so the batch may use every core.
+                alone = not self._current and not any(self._queues.values())
+                if batch:
+                    self._current[stream] = _Running(gen, kind, batch)
+                    if self._streams > 1 and any(self._queues.values()):
+                        self._cond.notify_all()  # the next stream may take what is left
             if dropped:
                 self._emit("items_dropped", kind, "expired", len(dropped))
             self._emit("queue_depth", kind, depth)
             if batch:
-                self._execute(kind, batch)
+                self._execute(kind, batch, alone)
 
-    def _next_batch(self) -> tuple[Kind, list[WorkItem], list[WorkItem]] | None:
-        """Wait until a batch is due and take it, with the expired items dropped on the way.
+    def _next_batch(self, stream: int = 0) -> tuple[Kind, list[WorkItem], list[WorkItem]] | None:
+        """Wait until a batch is due for `stream` and take it, with the expired items
+        dropped on the way. A stream waits while a stream before it is idle: that one
+        serves first, so a lone request runs on stream 0.
 
         Holds the lock (waiting releases it). None when the worker is stopping.
         """
         while not self._stopping:
+            if not self._running:
+                return None
+            if any(s not in self._current for s in range(stream)):
+                self._cond.wait()
+                continue
             now = time.monotonic()
             due: list[Kind] = []
             wake_at: float | None = None
@@ -501,7 +534,9 @@ class ModelWorker:
                 queue = self._queues[kind]
                 if not queue:
                     continue
-                hold_until = next(iter(queue.values())).enqueued_at + self.config.max_wait_ms / 1e3
+                first = next(iter(queue.values())).enqueued_at
+                hold_until = max(first + self.config.max_wait_ms / 1e3,
+                                 self._gather_until(kind, first))
                 if hold_until <= now or self._draining or self._full(kind):
                     due.append(kind)
                 else:
@@ -513,20 +548,41 @@ class ModelWorker:
             self._cond.wait(None if wake_at is None else wake_at - now)
         return None
 
+    def _gather_until(self, kind: Kind, first: float) -> float:
+        """Lock held. With streams, how long a partial batch waits while others compute.
+
+        While items keep arriving (gaps under an eighth of a batch's fixed cost), and at
+        most that fixed cost after the first: waiting costs the queued items at most what
+        starting now would waste on a batch of one or two, which costs nearly as much as
+        a full one. Started at once instead, an idle stream takes each item as it comes.
+        A lone batch (nothing else computing) starts at once, for latency.
+        """
+        if not self._current:
+            return 0.0
+        fixed_s, _ = self._costs.fit(kind)
+        return min(first + fixed_s, self._last_arrival[kind] + fixed_s / 8)
+
     def _full(self, kind: Kind) -> bool:
         if kind == "image":
             return len(self._queues["image"]) >= self._batch_limit("image")
         return self._queued_tokens >= self._batch_limit("text")
 
     def _batch_limit(self, kind: Kind) -> int:
-        """Lock held. Units per batch now: the memory limit, within the time budget."""
-        return self._costs.cap(kind, self._limits[kind], self.config.max_batch_s)
+        """Lock held. Units per batch now: the memory limit, within the time budget.
+
+        The budget bounds the latency a batch adds per stream's share of the cores: with
+        n streams each batch runs on 1/n of them, so it may take n times as long.
+        """
+        budget = self.config.max_batch_s
+        return self._costs.cap(kind, self._limits[kind],
+                               None if budget is None else budget * self._streams)
 
     def _predicted_wait(self, kind: Kind) -> float:
         """Lock held. Seconds until a new `kind` request's first batch would start.
 
         Its own kind's outstanding work, plus the other kind's batches that alternate
-        with it (one per batch of `kind` still to run, at most the other's whole backlog).
+        with it (one per batch of `kind` still to run, at most the other's whole backlog),
+        shared out over the streams that compute it side by side.
         """
         costs = self._costs
         other: Kind = "text" if kind == "image" else "image"
@@ -534,9 +590,10 @@ class ModelWorker:
         own = costs.seconds(kind, self._units[kind], own_cap)
         other_backlog = costs.seconds(other, self._units[other], other_cap)
         if other_backlog == 0.0:
-            return own
+            return own / self._streams
         batches = 1 + math.ceil(self._units[kind] / own_cap)
-        return own + min(other_backlog, batches * costs.seconds(other, other_cap, other_cap))
+        alternating = min(other_backlog, batches * costs.seconds(other, other_cap, other_cap))
+        return (own + alternating) / self._streams
 
     def _take_turn(self) -> Kind:
         # Smooth weighted round robin over batches: with image_share 0.5, strict alternation.
@@ -551,9 +608,11 @@ class ModelWorker:
     def _take(self, kind: Kind, now: float) -> tuple[list[WorkItem], list[WorkItem]]:
         queue = self._queues[kind]
         dropped: list[WorkItem] = []
+        idle = self._streams - len(self._current)  # this stream included
         if kind == "image":
             batch: list[WorkItem] = []
-            limit = self._batch_limit("image")
+            # With idle streams, an even share each: side by side beats one after another.
+            limit = min(self._batch_limit("image"), -(-len(queue) // idle))
             while queue and len(batch) < limit:
                 item = next(iter(queue.values()))
                 if item.deadline <= now:
@@ -568,7 +627,9 @@ class ModelWorker:
                 (dropped if item.deadline <= now else window).append(item)
             for item in dropped:
                 self._drop(item, "expired")
-            batch = (group_by_length(window[0], window[1:], self._batch_limit("text"))
+            share = -(-self._queued_tokens // idle) + max((it.cost for it in window), default=0)
+            batch = (group_by_length(window[0], window[1:],
+                                     min(self._batch_limit("text"), share))
                      if window else [])
             for item in batch:
                 self._remove(item)
@@ -589,11 +650,11 @@ class ModelWorker:
         self._settle([item])
         self._dropped[reason] += 1
 
-    def _execute(self, kind: Kind, batch: list[WorkItem]) -> None:
-        gen = self._local.gen
-        with self._cond:
-            self._current = _Running(gen, kind, batch)
+    def _execute(self, kind: Kind, batch: list[WorkItem], alone: bool) -> None:
+        """Run a batch that `_serve` registered as this stream's current one."""
+        stream, gen = self._local.stream, self._local.gen
         try:
+            self._place(alone)
             self._run_isolated(kind, batch)
         except Exception:  # a bug in the batcher itself: fail this batch, keep serving
             log.exception("model %s: unexpected error running a %s batch", self.name, kind)
@@ -601,8 +662,15 @@ class ModelWorker:
             self._deliver([(it, BatchFailed("internal error while computing")) for it in left])
         finally:
             with self._cond:
-                if self._current is not None and self._current.gen == gen:
-                    self._current = None
+                cur = self._current.get(stream)
+                if cur is not None and cur.gen == gen:
+                    del self._current[stream]
+
+    def _place(self, alone: bool) -> None:
+        """Tell a backend that shares out cores which stream runs next, and whether alone."""
+        place = getattr(self.backend, "place", None)
+        if place is not None:
+            place(self._local.stream, self._streams, alone)
 
     def _run_isolated(self, kind: Kind, items: list[WorkItem]) -> None:
         """Run `items`; on failure retry in smaller pieces so only the culprits fail."""
@@ -654,16 +722,18 @@ class ModelWorker:
     def _call_starts(self) -> float:
         now = time.monotonic()
         with self._cond:
-            if self._current is not None and self._current.gen == self._local.gen:
-                self._current.call_started = now
+            cur = self._current.get(self._local.stream)
+            if cur is not None and cur.gen == self._local.gen:
+                cur.call_started = now
         return now
 
     def _call_ended(self) -> None:
         with self._cond:
-            if self._local.gen != self._generation:
+            if self._local.gen != self._generation[self._local.stream]:
                 raise _Abandoned
-            if self._current is not None:
-                self._current.call_started = None
+            cur = self._current.get(self._local.stream)
+            if cur is not None:
+                cur.call_started = None
 
     def _shrink(self, kind: Kind, items: list[WorkItem]) -> None:
         size = len(items) if kind == "image" else padded_tokens(kind, items)
