@@ -20,13 +20,13 @@ Batching policy:
 - With `streams > 1`, that many threads each run batches of their own at the same time
   (the backend gives each its share of the cores). A stream takes work only while every
   stream before it is busy, so a lone request always runs on stream 0, which may then use
-  every core. On a small CPU this is worth a third more throughput: a single-threaded
-  batch never waits at a barrier for a thread that the HTTP layer or the image decoders
-  took a core from, and small ops run without synchronisation at all.
+  every core. Idle streams split the queue evenly. On a small CPU a single-threaded
+  batch never waits at a barrier for a thread that the HTTP layer, the image decoders or
+  the hypervisor took a core from, and small ops run without synchronisation at all.
 - Admission counts items admitted and not yet answered (queued or on the model); a request
   that would exceed `max_queue_items` is refused whole with `Overloaded`. With
-  `max_queue_wait_s`, a request is also refused when the work admitted before it is
-  predicted to take longer than that: under overload, callers get a prompt 503 and a
+  `max_queue_wait_s`, a request is also refused when the work admitted before it, plus
+  the batch it would join, is predicted to take longer than that: under overload, callers get a prompt 503 and a
   Retry-After instead of a queue that grows until their deadlines pass. A request is
   never refused by this rule when nothing is outstanding.
 - Predictions come from `CostModel`, a batch's time as a fixed cost plus a cost per unit

@@ -41,10 +41,11 @@ class Settings(BaseSettings):
     # Batches are sized so their predicted compute time stays within this: on a CPU a
     # ViT-B/32 batch of 32 takes ~1.5 s and is no faster per image than a batch of 8.
     max_batch_compute_ms: float | None = Field(400.0, gt=0)
-    # Overload: refuse (503 + Retry-After) when the work already admitted is predicted to
-    # take longer than this. An accepted request then waits at most about this plus one
-    # batch: under 2 s with the defaults, however large the overload.
-    max_queue_wait_s: float | None = Field(1.5, gt=0)
+    # Overload: refuse (503 + Retry-After) when the work already admitted, plus the batch
+    # the request would join, is predicted to take longer than this. An accepted request
+    # is then answered within about this, however large the
+    # overload.
+    max_queue_wait_s: float | None = Field(2.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     # Watchdog: a batch running longer fails its requests and the worker carries on with
     # a fresh thread (see ModelWorker). Generous: a legitimate CPU batch takes seconds.

@@ -100,7 +100,6 @@ class ModelWorker:
         }
         self._ok_since_oom: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._credit: dict[Kind, float] = dict.fromkeys(KINDS, 0.0)
-        self._last_arrival: dict[Kind, float] = dict.fromkeys(KINDS, 0.0)
         self._batches: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()
         self._rejected = 0
@@ -302,7 +301,6 @@ class ModelWorker:
                 self._queued_tokens += cost
             self._units[req.kind] += cost
         self._outstanding += n
-        self._last_arrival[req.kind] = now
         self._cond.notify_all()  # with streams, the one to take it may not be the first woken
         return None
 
@@ -326,11 +324,18 @@ class ModelWorker:
 
     def _overloaded(self, kind: Kind, n: int) -> Overloaded | None:
         """Lock held. Overloaded (counted as rejected) when `n` more items of `kind` may
-        not be admitted now, else None."""
+        not be admitted now, else None.
+
+        The time bound covers the wait and the batch the request would join (a full one,
+        as under overload): with streams a batch runs on a share of the cores and takes
+        a large part of the bound by itself.
+        """
         wait_s = self._predicted_wait(kind)
+        cap = self._batch_limit(kind)
+        answered_s = wait_s + self._costs.seconds(kind, cap, cap)
         limit_s = self.config.max_queue_wait_s
         if (self._outstanding + n > self.config.max_queue_items
-                or (limit_s is not None and self._outstanding and wait_s > limit_s)):
+                or (limit_s is not None and self._outstanding and answered_s > limit_s)):
             self._rejected += n
             return Overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))
         return None
@@ -534,9 +539,7 @@ class ModelWorker:
                 queue = self._queues[kind]
                 if not queue:
                     continue
-                first = next(iter(queue.values())).enqueued_at
-                hold_until = max(first + self.config.max_wait_ms / 1e3,
-                                 self._gather_until(kind, first))
+                hold_until = next(iter(queue.values())).enqueued_at + self.config.max_wait_ms / 1e3
                 if hold_until <= now or self._draining or self._full(kind):
                     due.append(kind)
                 else:
@@ -547,20 +550,6 @@ class ModelWorker:
                 return kind, batch, dropped
             self._cond.wait(None if wake_at is None else wake_at - now)
         return None
-
-    def _gather_until(self, kind: Kind, first: float) -> float:
-        """Lock held. With streams, how long a partial batch waits while others compute.
-
-        While items keep arriving (gaps under an eighth of a batch's fixed cost), and at
-        most that fixed cost after the first: waiting costs the queued items at most what
-        starting now would waste on a batch of one or two, which costs nearly as much as
-        a full one. Started at once instead, an idle stream takes each item as it comes.
-        A lone batch (nothing else computing) starts at once, for latency.
-        """
-        if not self._current:
-            return 0.0
-        fixed_s, _ = self._costs.fit(kind)
-        return min(first + fixed_s, self._last_arrival[kind] + fixed_s / 8)
 
     def _full(self, kind: Kind) -> bool:
         if kind == "image":

@@ -263,3 +263,25 @@ def test_two_streams_by_default_on_a_cpu_with_two_cores_one_on_a_gpu():
     assert _default_streams(fake("cpu", 16)) == 2
     assert _default_streams(fake("cpu", 1)) == 1
     assert _default_streams(fake("cuda", 16)) == 1
+
+
+def test_admission_counts_the_batch_a_request_would_join():
+    """Wait 0.4 s plus a full 10-image batch of 1 s: over a 1.2 s bound, so refused,
+    though the wait alone is well within it."""
+
+    async def scenario():
+        worker = ModelWorker(FakeBackend(), BatcherConfig(max_batch_size=10,
+                                                          max_queue_wait_s=1.2))
+        for _ in range(5):
+            worker._costs.observe("image", 4, 0.4)
+            worker._costs.observe("image", 8, 0.8)
+        worker._units["image"] = worker._outstanding = 4
+        with worker._cond:
+            assert worker._predicted_wait("image") == pytest.approx(0.4)
+            refused = worker._overloaded("image", 1)
+        assert refused is not None and refused.retry_after == pytest.approx(1.0)
+        worker._units["image"] = worker._outstanding = 1
+        with worker._cond:
+            assert worker._overloaded("image", 1) is None  # 0.1 + 1.0 s
+
+    run(scenario)
