@@ -597,7 +597,7 @@ class ModelWorker:
     def _take(self, kind: Kind, now: float) -> tuple[list[WorkItem], list[WorkItem]]:
         queue = self._queues[kind]
         dropped: list[WorkItem] = []
-        idle = self._streams - len(self._current)  # this stream included
+        idle = max(1, self._streams - len(self._current))  # this stream included
         if kind == "image":
             batch: list[WorkItem] = []
             # With idle streams, an even share each: side by side beats one after another.
