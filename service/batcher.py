@@ -28,7 +28,8 @@ Batching policy:
   `max_queue_wait_s`, a request is also refused when the work admitted before it, plus
   the batch it would join, is predicted to take longer than that: under overload, callers get a prompt 503 and a
   Retry-After instead of a queue that grows until their deadlines pass. A request is
-  never refused by this rule when nothing is outstanding.
+  never refused by this rule when nothing is outstanding, nor before the worker has
+  timed `MIN_BATCHES_TO_REFUSE` batches of its kind.
 - Predictions come from `CostModel`, a batch's time as a fixed cost plus a cost per unit
   of work (an image; a padded text token), fitted over recent batches.
 - Items whose deadline passed or whose caller went away are dropped before the model.
@@ -54,6 +55,10 @@ Kind = Literal["image", "text"]
 KINDS: tuple[Kind, ...] = ("image", "text")
 
 MIN_RETRY_AFTER_S = 1.0
+# Batches of a kind seen before its predicted wait may refuse a request. One batch gives
+# only a proportional fit, and the first batches after start (fresh threads, cold
+# caches) are slow: it would refuse the first burst a new server meets.
+MIN_BATCHES_TO_REFUSE = 3
 MAX_RETRY_AFTER_S = 60.0
 
 
@@ -219,6 +224,10 @@ class CostModel:
         s = self._sums[kind]
         for i, x in enumerate((1.0, units, seconds, units * units, units * seconds)):
             s[i] = s[i] * self._keep + x
+
+    def batches(self, kind: Kind) -> float:
+        """How many batches of `kind` the fit rests on (decayed: at most `memory`)."""
+        return self._sums[kind][0]
 
     def fit(self, kind: Kind) -> tuple[float, float]:
         """(a, b): seconds per call and per unit, both >= 0; (0, 0) when unknown."""

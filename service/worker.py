@@ -27,6 +27,7 @@ from typing import Any
 from .batcher import (
     KINDS,
     MAX_RETRY_AFTER_S,
+    MIN_BATCHES_TO_REFUSE,
     MIN_RETRY_AFTER_S,
     Backend,
     BatcherConfig,
@@ -334,8 +335,10 @@ class ModelWorker:
         cap = self._batch_limit(kind)
         answered_s = wait_s + self._costs.seconds(kind, cap, cap)
         limit_s = self.config.max_queue_wait_s
+        timed = (limit_s is not None and self._outstanding
+                 and self._costs.batches(kind) >= MIN_BATCHES_TO_REFUSE)
         if (self._outstanding + n > self.config.max_queue_items
-                or (limit_s is not None and self._outstanding and answered_s > limit_s)):
+                or (timed and answered_s > limit_s)):
             self._rejected += n
             return Overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))
         return None

@@ -369,6 +369,33 @@ def test_overload_refuses_by_predicted_wait_and_never_an_idle_worker():
     run(scenario)
 
 
+def test_a_new_worker_does_not_refuse_before_it_has_timed_a_few_batches():
+    """One batch gives only a proportional fit, and the first batches are slow: a new
+    server's first burst is admitted, and refusals start once the fit rests on more."""
+    backend = FakeBackend(per_item_s=0.01)
+
+    async def scenario():
+        async with serving(backend, max_queue_wait_s=0.02, max_batch_size=4) as worker:
+            await worker.submit("image", "first")  # the fit: 10 ms per image, from 1 batch
+            backend.busy.clear()
+            task = await blocked(worker, backend)
+            burst = [asyncio.create_task(worker.submit_many("image", [f"b{i}"] * 4))
+                     for i in range(3)]
+            await until(lambda: worker.stats().outstanding == 13)  # none refused
+            backend.resume()
+            await asyncio.gather(task, *burst)
+            for n in (1, 2, 3):
+                await worker.submit_many("image", list(range(n)))
+            backend.busy.clear()
+            task = await blocked(worker, backend)
+            with pytest.raises(Overloaded):  # 10 ms waiting + a 40 ms batch > 20 ms
+                await worker.submit_many("image", list(range(4)))
+            backend.resume()
+            await task
+
+    run(scenario)
+
+
 # ---- deadlines and disconnects ----
 
 
