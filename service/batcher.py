@@ -26,8 +26,9 @@ Batching policy:
 - Admission counts items admitted and not yet answered (queued or on the model); a request
   that would exceed `max_queue_items` is refused whole with `Overloaded`. With
   `max_queue_wait_s`, a request is also refused when the work admitted before it, plus
-  the batch it would join, is predicted to take longer than that: under overload, callers get a prompt 503 and a
-  Retry-After instead of a queue that grows until their deadlines pass. A request is
+  the batch it would join, is predicted to take longer than that: under overload,
+  callers get a prompt 503 and a Retry-After instead of a queue that grows until their
+  deadlines pass. A request is
   never refused by this rule when nothing is outstanding, nor before the worker has
   timed `MIN_BATCHES_TO_REFUSE` batches of its kind.
 - Predictions come from `CostModel`, a batch's time as a fixed cost plus a cost per unit
@@ -55,11 +56,11 @@ Kind = Literal["image", "text"]
 KINDS: tuple[Kind, ...] = ("image", "text")
 
 MIN_RETRY_AFTER_S = 1.0
+MAX_RETRY_AFTER_S = 60.0
 # Batches of a kind seen before its predicted wait may refuse a request. One batch gives
 # only a proportional fit, and the first batches after start (fresh threads, cold
 # caches) are slow: it would refuse the first burst a new server meets.
 MIN_BATCHES_TO_REFUSE = 3
-MAX_RETRY_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,10 @@ async def _in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) ->
 def _default_streams(backend: ClipBackend) -> int:
     """Two streams on a CPU with two cores or more, one on a GPU (see service.batcher).
 
-    Two single-threaded batches side by side beat one batch on both cores of a 2-core
-    CPU by 17% for ViT-B/32 images and 36% for short texts, before any contention with
-    the HTTP layer, and a lone request still gets both cores. More streams on larger
+    On the 2-core development VM, two single-threaded ViT-B/32 batches side by side
+    against one batch on both cores: texts +27% to +48%, images -4% to +17%, depending
+    on how busy the host was; through the server, images rose from 10.7 to 16.7-18.0/s
+    (docs/benchmarks.md). A lone request still gets every core. More streams on larger
     CPUs are not measured here, so two stays the default.
     """
     return 2 if backend.device.type == "cpu" and backend.cpu_threads >= 2 else 1
@@ -157,7 +158,8 @@ class Engine:
             offline=s.offline, random_weights=s.random_weights, progress=False,
         )
         backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
-        batching = dataclasses.replace(s.batcher(), streams=s.streams or _default_streams(backend))
+        batching = dataclasses.replace(backend.batching,
+                                       streams=s.streams or _default_streams(backend))
         if device == "cpu":
             log.info("model %s: %d CPU threads, %d stream(s)", loaded.name,
                      backend.cpu_threads, batching.streams)

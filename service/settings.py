@@ -43,8 +43,7 @@ class Settings(BaseSettings):
     max_batch_compute_ms: float | None = Field(400.0, gt=0)
     # Overload: refuse (503 + Retry-After) when the work already admitted, plus the batch
     # the request would join, is predicted to take longer than this. An accepted request
-    # is then answered within about this, however large the
-    # overload.
+    # is then answered within about this, however large the overload.
     max_queue_wait_s: float | None = Field(2.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     # Watchdog: a batch running longer fails its requests and the worker carries on with

@@ -332,16 +332,19 @@ class ModelWorker:
         a large part of the bound by itself.
         """
         wait_s = self._predicted_wait(kind)
-        cap = self._batch_limit(kind)
-        answered_s = wait_s + self._costs.seconds(kind, cap, cap)
-        limit_s = self.config.max_queue_wait_s
-        timed = (limit_s is not None and self._outstanding
-                 and self._costs.batches(kind) >= MIN_BATCHES_TO_REFUSE)
-        if (self._outstanding + n > self.config.max_queue_items
-                or (timed and answered_s > limit_s)):
+        if self._outstanding + n > self.config.max_queue_items or self._too_slow(kind, wait_s):
             self._rejected += n
             return Overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))
         return None
+
+    def _too_slow(self, kind: Kind, wait_s: float) -> bool:
+        """Lock held. Would a request wait `wait_s` and then its batch past the time bound?"""
+        limit_s = self.config.max_queue_wait_s
+        if (limit_s is None or not self._outstanding
+                or self._costs.batches(kind) < MIN_BATCHES_TO_REFUSE):
+            return False
+        cap = self._batch_limit(kind)
+        return wait_s + self._costs.seconds(kind, cap, cap) > limit_s
 
     # ---- completion (event loop) ----
 
