@@ -70,6 +70,18 @@ class Packing:
         out = x.new_zeros(self.batch * self.length, *x.shape[1:])
         return out.index_copy_(0, self.index, x).unflatten(0, (self.batch, self.length))
 
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B,) one position in each sequence -> (B,) its row in the packed (T, ...)."""
+        flat = torch.arange(self.batch, device=positions.device) * self.length + positions
+        return torch.searchsorted(self.index, flat)
+
+
+def pick(x: torch.Tensor, positions: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+    """One token per sequence: (B, L, D) or packed (T, D), (B,) positions -> (B, D)."""
+    if packing is not None:
+        return x[packing.rows(positions)]
+    return x[torch.arange(x.shape[0], device=x.device), positions]
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention`.
@@ -102,6 +114,29 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, n, d)
         return self.out_proj(packing.pack(y) if packing is not None else y)
 
+    def one_query(
+        self, x: torch.Tensor, positions: torch.Tensor, causal: bool, packing: Packing | None
+    ) -> torch.Tensor:
+        """The attention output at one position per sequence only: (B, D).
+
+        Every token is still a key and a value; only the queries are cut to the (B,)
+        `positions`. Under `causal`, a query at position p sees keys 0..p, as it would in
+        the full (L, L) causal pattern.
+        """
+        d = x.shape[-1]
+        w, b = self.in_proj_weight, self.in_proj_bias
+        q = F.linear(pick(x, positions, packing), w[:d], b[:d])  # (B, D)
+        kv = F.linear(x, w[d:], b[d:])  # (B, L, 2D) or (T, 2D)
+        if packing is not None:
+            kv = packing.unpack(kv)
+        n, hd = kv.shape[1], d // self.heads
+        k, v = kv.view(len(q), n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        mask = None
+        if causal:
+            mask = (torch.arange(n, device=x.device) <= positions[:, None]).view(-1, 1, 1, n)
+        y = F.scaled_dot_product_attention(q.view(-1, self.heads, 1, hd), k, v, attn_mask=mask)
+        return self.out_proj(y.reshape(-1, d))  # (B, H, 1, hd) -> (B, D)
+
 
 class MLP(nn.Sequential):
     def __init__(self, width: int, act: str):
@@ -127,6 +162,14 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal, packing=packing)
         return x + self.mlp(self.ln_2(x))
 
+    def pooled(
+        self, x: torch.Tensor, positions: torch.Tensor, causal: bool, packing: Packing | None
+    ) -> torch.Tensor:
+        """`forward`'s output at one position per sequence only: (B, D)."""
+        x = pick(x, positions, packing) + self.attn.one_query(
+            self.ln_1(x), positions, causal, packing)
+        return x + self.mlp(self.ln_2(x))
+
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, act: str, ln_eps: float):
@@ -137,11 +180,24 @@ class Transformer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None
+        self,
+        x: torch.Tensor,
+        causal: bool = False,
+        packing: Packing | None = None,
+        pool: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D); or packed (T, D) -> (T, D) when `packing` is given."""
-        for block in self.resblocks:
+        """(B, L, D) -> (B, L, D); or packed (T, D) -> (T, D) when `packing` is given.
+
+        With `pool`, (B,) one position per sequence, the output is that token's alone:
+        (B, D). CLIP reads nothing else from the last block, so its projections and MLP
+        run on B rows instead of every token (one layer's work less about 5/6 of it:
+        ~7% of a 12-layer tower). Earlier blocks still run on every token.
+        """
+        last = len(self.resblocks) - 1 if pool is not None else len(self.resblocks)
+        for block in self.resblocks[:last]:
             x = block(x, causal=causal, packing=packing)
+        if pool is not None:
+            x = self.resblocks[last].pooled(x, pool, causal, packing)
         return x
 
     def init_weights(self) -> None:

@@ -87,13 +87,11 @@ class CLIP(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, D)
         x = x.to(self.dtype)
         lengths = eot + 1
+        packing = None
         if int(lengths.sum()) < _PACK_BELOW * b * length:
             packing = Packing.from_lengths(lengths, length)
-            x = self.transformer(packing.pack(x), causal=True, packing=packing)  # (T, D)
-            x = x[torch.cumsum(lengths, 0) - 1]  # each text's last real token: (B, D)
-        else:
-            x = self.transformer(x, causal=True)  # (B, L, D)
-            x = x[torch.arange(b, device=x.device), eot]  # (B, D)
+            x = packing.pack(x)  # (T, D)
+        x = self.transformer(x, causal=True, packing=packing, pool=eot)  # EOT tokens: (B, D)
         # LayerNorm is per token, so normalising only the pooled tokens is exact.
         x = (self.ln_final(x) @ self.text_projection).float()  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x

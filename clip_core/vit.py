@@ -31,5 +31,6 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, G*G, D)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))  # (B, 1 + G*G, D)
-        return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+        cls_at = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        x = self.transformer(self.ln_pre(x), pool=cls_at)  # the class token's output: (B, D)
+        return self.ln_post(x) @ self.proj  # (B, E)

@@ -149,3 +149,27 @@ def test_packed_and_padded_text_paths_agree(vit_b32, monkeypatch):
         same_length = vit_b32.encode_text(random_tokens(3, lengths=[7, 7, 7]), normalize=True)
     assert (padded - packed).abs().max().item() <= 1e-6
     assert torch.isfinite(same_length).all()
+
+
+@pytest.mark.parametrize("causal,packed", [(False, False), (True, False), (True, True)])
+def test_pooled_last_block_equals_the_full_output_at_those_positions(causal, packed):
+    from clip_core.layers import Packing, Transformer
+
+    torch.manual_seed(19)
+    stack = Transformer(width=64, layers=3, heads=4, act="quick_gelu", ln_eps=1e-5).eval()
+    stack.init_weights()
+    lengths = torch.tensor([3, 9, 1, 6])
+    x = torch.randn(4, 9, 64)
+    # Any position may be pooled, not only the last real one; with padding only real ones.
+    positions = torch.tensor([2, 4, 0, 5]) if packed else torch.tensor([0, 8, 3, 5])
+    packing = Packing.from_lengths(lengths, 9) if packed else None
+    with torch.no_grad():
+        if packing is not None:
+            x = packing.pack(x)  # (19, 64)
+            full = packing.unpack(stack(x, causal=causal, packing=packing))
+        else:
+            full = stack(x, causal=causal)
+        pooled = stack(x, causal=causal, packing=packing, pool=positions)
+    assert pooled.shape == (4, 64)
+    expected = full[torch.arange(4), positions]
+    assert (pooled - expected).abs().max().item() <= 1e-5
