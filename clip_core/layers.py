@@ -190,8 +190,8 @@ class Transformer(nn.Module):
 
         With `pool`, (B,) one position per sequence, the output is that token's alone:
         (B, D). CLIP reads nothing else from the last block, so its projections and MLP
-        run on B rows instead of every token (one layer's work less about 5/6 of it:
-        ~7% of a 12-layer tower). Earlier blocks still run on every token.
+        run on B rows instead of every token: about 5/6 of one block saved, ~7% of a
+        12-layer tower. Earlier blocks still run on every token.
         """
         last = len(self.resblocks) - 1 if pool is not None else len(self.resblocks)
         for block in self.resblocks[:last]:
