@@ -47,6 +47,13 @@ _SURROGATE = regex.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
+class TokenRows:
+    rows: list[list[int]]  # per text: [sot, ..., eot], truncated to the context length
+    n_tokens: list[int]  # per text, sot and eot included, before truncation
+    truncated: list[bool]
+
+
+@dataclass(frozen=True)
 class TokenizedBatch:
     ids: torch.Tensor  # (N, context_length) int64: [sot, ..., eot, 0, ...]
     n_tokens: list[int]  # per text, sot and eot included, before truncation
@@ -55,7 +62,11 @@ class TokenizedBatch:
 
 def clean_text(text: str) -> str:
     """CLIP's text normalisation: ftfy, HTML unescaping twice, whitespace collapsed, lower case."""
-    text = ftfy.fix_text(text)
+    # Printable ASCII without '&' is what ftfy leaves as it is (its fixes need non-ASCII
+    # characters, control characters or HTML entities), and most requests are that; its
+    # per-call set-up cost the event loop more than the rest of tokenising.
+    if not (text.isascii() and text.isprintable() and "&" not in text):
+        text = ftfy.fix_text(text)
     # Twice, as CLIP does, so doubly escaped scraped text ("&amp;amp;") comes out plain.
     text = html.unescape(html.unescape(text))
     # str.split's whitespace is regex's \s (openai/CLIP's choice) plus U+001C..U+001F, which
@@ -161,12 +172,17 @@ class Tokenizer:
         self.sot_id = self._id_of[SOT]
         self.eot_id = self._id_of[EOT]
         self.vocab_size = len(vocab)
-        # Per instance, so each tokenizer's cache is bounded and freed with it.
-        self._word_ids = lru_cache(maxsize=cache_size)(self._bpe)
+        # Per instance, so each tokenizer's cache is bounded and freed with it. Keyed by the
+        # word as written: a hit then costs no mapping to byte symbols.
+        self._word_ids = lru_cache(maxsize=cache_size)(self._word_bpe)
 
     def cache_info(self):
         """functools' CacheInfo (hits, misses, maxsize, currsize) of the per-word merge cache."""
         return self._word_ids.cache_info()
+
+    def _word_bpe(self, word: str) -> tuple[int, ...]:
+        byte_symbol = self._byte_symbol
+        return self._bpe("".join(byte_symbol[b] for b in word.encode("utf-8")))
 
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Ids of one pre-tokenized word, given as byte symbols.
@@ -207,9 +223,8 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"expected str, got {type(text).__name__}")
         ids: list[int] = []
-        byte_symbol = self._byte_symbol
         for word in _WORD_PATTERN.findall(clean_text(text)):
-            ids.extend(self._word_ids("".join(byte_symbol[b] for b in word.encode("utf-8"))))
+            ids.extend(self._word_ids(word))
         return ids
 
     def count_tokens(self, text: str) -> int:
@@ -234,8 +249,8 @@ class Tokenizer:
         # Ids need not end on a character boundary, hence errors="replace".
         return b"".join(parts).decode("utf-8", errors="replace").rstrip(" ")
 
-    def __call__(self, texts: str | Sequence[str], truncate: bool = True) -> TokenizedBatch:
-        """Tokenize one text or a sequence of texts.
+    def rows(self, texts: str | Sequence[str], truncate: bool = True) -> TokenRows:
+        """Tokenize one text or a sequence of texts into unpadded id lists.
 
         An over-long text keeps its first context_length - 1 tokens with eot after them when
         `truncate` is true; otherwise TextTooLong names its index and token count.
@@ -261,6 +276,13 @@ class Tokenizer:
                 row = [*row[: length - 1], self.eot_id]
             n_tokens.append(n)
             truncated.append(n > length)
-            rows.append(row + [0] * (length - len(row)))
-        ids = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), length)
-        return TokenizedBatch(ids=ids, n_tokens=n_tokens, truncated=truncated)
+            rows.append(row)
+        return TokenRows(rows=rows, n_tokens=n_tokens, truncated=truncated)
+
+    def __call__(self, texts: str | Sequence[str], truncate: bool = True) -> TokenizedBatch:
+        """`rows`, zero padded into one (N, context_length) tensor."""
+        out = self.rows(texts, truncate)
+        length = self.context_length
+        padded = [row + [0] * (length - len(row)) for row in out.rows]
+        ids = torch.tensor(padded, dtype=torch.int64).reshape(len(padded), length)
+        return TokenizedBatch(ids=ids, n_tokens=out.n_tokens, truncated=out.truncated)

@@ -247,11 +247,9 @@ class TextPreparer:
 
     def prepare(self, texts: Sequence[str], truncate: bool = True) -> PreparedTexts:
         """Blocking. With `truncate=False`, TextTooLong names the first text that is over."""
-        batch = self.tokenizer(texts, truncate=truncate)  # (N, context_length), zero padded
-        rows = batch.ids.tolist()
-        ids = [row[: min(n, self.context_length)]
-               for row, n in zip(rows, batch.n_tokens, strict=True)]
-        return PreparedTexts(ids=ids, n_tokens=batch.n_tokens, truncated=batch.truncated)
+        # Lists, not a tensor: a request's few texts are tokenised on the event loop.
+        out = self.tokenizer.rows(texts, truncate=truncate)
+        return PreparedTexts(ids=out.rows, n_tokens=out.n_tokens, truncated=out.truncated)
 
     async def aprepare(self, texts: Sequence[str], truncate: bool = True) -> PreparedTexts:
         """`prepare`, inline when small, in the executor when large."""

@@ -311,3 +311,37 @@ ANY_TEXT = st.one_of(
 @given(text=ANY_TEXT, truncate=st.booleans())
 def test_any_text_property(tok, text, truncate):
     check_text(tok, text, truncate)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=60))
+def test_clean_text_skips_ftfy_only_where_ftfy_changes_nothing(text):
+    # The fast path's claim, checked against ftfy itself: whatever clean_text leaves out of
+    # ftfy comes out as if ftfy had run. Control characters, '&' and the like go through it.
+    expected = tokenizer_module.ftfy.fix_text(text)
+    expected = " ".join(tokenizer_module.html.unescape(
+        tokenizer_module.html.unescape(expected)).split()).lower()
+    assert clean_text(text) == expected
+
+
+@pytest.mark.parametrize("text", ["a&amp;amp;b", "tab\there", "\x1b[31mred", "line\r\nbreak",
+                                  "caf\u00c3\u00a9", "nul\x00char"])
+def test_text_ftfy_would_change_still_goes_through_it(text, monkeypatch):
+    calls = []
+    real = tokenizer_module.ftfy.fix_text
+    monkeypatch.setattr(tokenizer_module.ftfy, "fix_text", lambda t: calls.append(t) or real(t))
+    clean_text(text)
+    assert calls == [text]
+
+
+def test_rows_are_the_tensor_rows_without_padding(tok):
+    texts = ["a photo of a cat", "", "word " * 100, "two words"]
+    rows = tok.rows(texts)
+    batch = tok(texts)
+    assert rows.n_tokens == batch.n_tokens and rows.truncated == batch.truncated
+    for row, padded, n in zip(rows.rows, batch.ids.tolist(), batch.n_tokens, strict=True):
+        assert row == padded[: min(n, CONTEXT)]
+        assert all(i == 0 for i in padded[len(row):])
+    assert rows.rows[0] == [SOT, *PHOTO_OF_A_CAT, EOT]
+    with pytest.raises(TextTooLong):
+        tok.rows(texts, truncate=False)
