@@ -48,7 +48,7 @@ _SURROGATE = regex.compile(r"[\ud800-\udfff]")
 
 @dataclass(frozen=True)
 class TokenRows:
-    rows: list[list[int]]  # per text: [sot, ..., eot], truncated to the context length
+    ids: list[list[int]]  # per text: [sot, ..., eot], truncated to the context length
     n_tokens: list[int]  # per text, sot and eot included, before truncation
     truncated: list[bool]
 
@@ -277,12 +277,12 @@ class Tokenizer:
             n_tokens.append(n)
             truncated.append(n > length)
             rows.append(row)
-        return TokenRows(rows=rows, n_tokens=n_tokens, truncated=truncated)
+        return TokenRows(ids=rows, n_tokens=n_tokens, truncated=truncated)
 
     def __call__(self, texts: str | Sequence[str], truncate: bool = True) -> TokenizedBatch:
         """`rows`, zero padded into one (N, context_length) tensor."""
         out = self.rows(texts, truncate)
         length = self.context_length
-        padded = [row + [0] * (length - len(row)) for row in out.rows]
+        padded = [row + [0] * (length - len(row)) for row in out.ids]
         ids = torch.tensor(padded, dtype=torch.int64).reshape(len(padded), length)
         return TokenizedBatch(ids=ids, n_tokens=out.n_tokens, truncated=out.truncated)

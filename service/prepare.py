@@ -20,7 +20,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageOps
@@ -28,7 +27,7 @@ from PIL import Image, ImageOps
 from clip_core.config import PreprocessConfig
 from clip_core.errors import ImageDecodeError, InvalidInput
 from clip_core.preprocess import DECODE_FORMATS, ImageTransform, open_image
-from clip_core.tokenizer import Tokenizer
+from clip_core.tokenizer import Tokenizer, TokenRows
 
 from .errors import ImageFormatNotAllowed, ImageTooLarge
 
@@ -215,11 +214,8 @@ class ImagePreparer:
         return ImageOps.exif_transpose(image)
 
 
-@dataclass(frozen=True)
-class PreparedTexts:
-    ids: list[list[int]]  # per text: [sot, ..., eot], truncated to the context length
-    n_tokens: list[int]  # per text, sot and eot included, before truncation
-    truncated: list[bool]
+class PreparedTexts(TokenRows):
+    """A request's texts as the worker takes them: the tokenizer's unpadded id lists."""
 
     @property
     def costs(self) -> list[int]:
@@ -240,7 +236,6 @@ class TextPreparer:
         inline_max_chars: int = 20_000,
     ):
         self.tokenizer = tokenizer
-        self.context_length = tokenizer.context_length
         self.inline_max_texts = inline_max_texts
         self.inline_max_chars = inline_max_chars
         self._executor = executor
@@ -249,7 +244,7 @@ class TextPreparer:
         """Blocking. With `truncate=False`, TextTooLong names the first text that is over."""
         # Lists, not a tensor: a request's few texts are tokenised on the event loop.
         out = self.tokenizer.rows(texts, truncate=truncate)
-        return PreparedTexts(ids=out.rows, n_tokens=out.n_tokens, truncated=out.truncated)
+        return PreparedTexts(out.ids, out.n_tokens, out.truncated)
 
     async def aprepare(self, texts: Sequence[str], truncate: bool = True) -> PreparedTexts:
         """`prepare`, inline when small, in the executor when large."""
