@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# MKL keeps per-thread pools of its GEMM buffers; in this server they held 30-60 MB
+# after load, and turning them off cost no measurable speed (docs/benchmarks.md,
+# 2026-11-29). MKL reads this at its first allocation, so it is set before torch is
+# imported; an operator's own value wins.
+os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
+
 import argparse
 import asyncio
 import json
