@@ -22,6 +22,7 @@ Hence only stream 0 ever runs wide, the model loads in a thread that then ends
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -146,6 +147,19 @@ class ClipBackend:
             torch.set_num_threads(n)
             self._local.threads = n
 
+    def release_memory(self) -> None:
+        """Give the C heap's free pages back to the system; the worker calls it once the
+        server has been idle a while.
+
+        Every serving thread allocates its batches' activations from its own glibc arena,
+        and glibc keeps what they free: after a burst the process holds its largest
+        batches' worth per thread (~180 MB above the live set for ViT-B/32 on 2 cores).
+        malloc_trim(0) returns it in a few ms; the next batch faults back only what it
+        uses. The CUDA cache is left alone: warm-up reserved it on purpose.
+        """
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+
     def run(self, kind: Kind, payloads: list[object]) -> list[np.ndarray]:
         """One fp32 (E,) vector per payload, in order. OutOfMemory when the batch does not
         fit; any other error propagates so the worker can isolate the bad payload."""
@@ -213,6 +227,19 @@ class ClipBackend:
         vocab = self.model.config.text.vocab_size
         sot, eot = vocab - 2, vocab - 1  # CLIP's specials are the two largest ids
         return [sot, *torch.randint(1, sot, (n - 2,), generator=g).tolist(), eot]
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
 
 
 def _is_oom(err: BaseException) -> bool:

@@ -80,6 +80,9 @@ class BatcherConfig:
     max_batch_s: float | None = None  # predicted compute time per batch; None: no bound
     max_queue_wait_s: float | None = None  # predicted wait before admission; None: no bound
     streams: int = 1  # threads running batches at the same time
+    # Idle this long after a batch (nothing computing or queued), the backend is asked
+    # once to give memory back (see Backend); None: never.
+    release_after_idle_s: float | None = 2.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue_items",
@@ -93,7 +96,8 @@ class BatcherConfig:
         if not 0 < self.image_share < 1:
             raise ValueError(f"image_share must be in (0, 1) so neither modality starves, "
                              f"got {self.image_share}")
-        for name in ("stall_timeout_s", "max_batch_s", "max_queue_wait_s"):
+        for name in ("stall_timeout_s", "max_batch_s", "max_queue_wait_s",
+                     "release_after_idle_s"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -111,6 +115,10 @@ class Backend(Protocol):
     The worker then calls it on the serving thread before the warm-up (stream 0, alone)
     and before each batch: `alone` means no other stream is computing and nothing else is
     queued, so the batch may use every core; otherwise it gets its stream's share.
+
+    And `release_memory() -> None`, which the worker calls on stream 0's thread once per
+    idle spell, `release_after_idle_s` after the last batch: a burst's largest batches
+    leave memory that allocators keep, and an idle server need not hold it.
     """
 
     def warmup(self) -> None:

@@ -22,7 +22,9 @@ ALLOWED_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLIP_", extra="forbid")
+    # CLIP_X=none turns off a setting whose default is a number (a bound, a timeout).
+    model_config = SettingsConfigDict(env_prefix="CLIP_", extra="forbid",
+                                      env_parse_none_str="none")
 
     # Models: registry names or checkpoint paths; the first is the default of every request.
     # CLIP_MODELS accepts a comma-separated list.
@@ -49,6 +51,9 @@ class Settings(BaseSettings):
     # Watchdog: a batch running longer fails its requests and the worker carries on with
     # a fresh thread (see ModelWorker). Generous: a legitimate CPU batch takes seconds.
     stall_timeout_s: float | None = Field(120.0, gt=0)
+    # Seconds idle after a burst before the allocator's free memory goes back to the
+    # system (RSS falls to what the model holds); None: keep it.
+    release_after_idle_s: float | None = Field(2.0, gt=0)
 
     cache_size: int = Field(10_000, ge=0)  # text embeddings kept, per process
     prepare_workers: int = Field(2, ge=1)  # threads decoding and resizing images
@@ -155,4 +160,5 @@ class Settings(BaseSettings):
                          else self.max_batch_compute_ms / 1e3),
             max_queue_wait_s=self.max_queue_wait_s,
             streams=self.streams or 1,
+            release_after_idle_s=self.release_after_idle_s,
         )

@@ -58,6 +58,10 @@ from .errors import (
 log = logging.getLogger(__name__)
 
 
+class _Release:
+    """`_next_batch`'s answer when, instead of a batch, memory is to be given back."""
+
+
 class _Abandoned(BaseException):
     """Unwinds a thread the watchdog gave up on; not an Exception, so no handler eats it."""
 
@@ -116,6 +120,11 @@ class ModelWorker:
         self._streams = self.config.streams
         self._generation = [0] * self._streams
         self._current: dict[int, _Running] = {}  # by stream: the batches being computed
+        # Idle memory release: the backend's hook, when the last batch ended, and whether
+        # the hook has run since then.
+        self._release_hook: Callable[[], None] | None = getattr(backend, "release_memory", None)
+        self._last_batch_end = time.monotonic()
+        self._released = False
         self._abandoned = 0  # stuck threads not yet returned
         self._failed = False  # a serving thread ended without being asked to
         self._local = threading.local()
@@ -511,24 +520,33 @@ class ModelWorker:
                 step = self._next_batch(stream)
                 if step is None:
                     return
-                kind, batch, dropped = step
-                depth = len(self._queues[kind])
-                # Alone: nothing else computing or queued, so the batch may use every core.
-                alone = not self._current and not any(self._queues.values())
-                if batch:
-                    self._current[stream] = _Running(gen, kind, batch)
-                    if self._streams > 1 and any(self._queues.values()):
-                        self._cond.notify_all()  # the next stream may take what is left
+                if isinstance(step, _Release):
+                    self._released = True
+                else:
+                    kind, batch, dropped = step
+                    depth = len(self._queues[kind])
+                    # Alone: nothing else computing or queued, so the batch may use every core.
+                    alone = not self._current and not any(self._queues.values())
+                    if batch:
+                        self._current[stream] = _Running(gen, kind, batch)
+                        if self._streams > 1 and any(self._queues.values()):
+                            self._cond.notify_all()  # the next stream may take what is left
+            if isinstance(step, _Release):
+                self._release_memory()
+                continue
             if dropped:
                 self._emit("items_dropped", kind, "expired", len(dropped))
             self._emit("queue_depth", kind, depth)
             if batch:
                 self._execute(kind, batch, alone)
 
-    def _next_batch(self, stream: int = 0) -> tuple[Kind, list[WorkItem], list[WorkItem]] | None:
+    def _next_batch(
+        self, stream: int = 0
+    ) -> tuple[Kind, list[WorkItem], list[WorkItem]] | _Release | None:
         """Wait until a batch is due for `stream` and take it, with the expired items
         dropped on the way. A stream waits while a stream before it is idle: that one
-        serves first, so a lone request runs on stream 0.
+        serves first, so a lone request runs on stream 0. `_Release` instead when it is
+        time to give memory back (see `_release_due`).
 
         Holds the lock (waiting releases it). None when the worker is stopping.
         """
@@ -554,8 +572,36 @@ class ModelWorker:
                 kind = due[0] if len(due) == 1 else self._take_turn()
                 batch, dropped = self._take(kind, now)
                 return kind, batch, dropped
+            release_at = self._release_due(stream)
+            if release_at is not None:
+                if release_at <= now:
+                    return _Release()
+                wake_at = release_at if wake_at is None else min(wake_at, release_at)
             self._cond.wait(None if wake_at is None else wake_at - now)
         return None
+
+    def _release_due(self, stream: int) -> float | None:
+        """Lock held. When stream 0 should call the backend's `release_memory`: once per
+        idle spell, `release_after_idle_s` after the last batch ended with nothing left
+        computing or queued. None when it should not."""
+        after = self.config.release_after_idle_s
+        if (stream != 0 or after is None or self._release_hook is None or self._released
+                or self._current or any(self._queues.values())):
+            return None
+        return self._last_batch_end + after
+
+    def _release_memory(self) -> None:
+        """On stream 0's thread, out of the lock. A request that arrives meanwhile waits
+        for it (milliseconds: see ClipBackend.release_memory)."""
+        assert self._release_hook is not None
+        start = time.perf_counter()
+        try:
+            self._release_hook()
+        except Exception:  # a failed clean-up is not a reason to stop serving
+            log.exception("model %s: giving memory back failed", self.name)
+            return
+        log.debug("model %s: idle, gave memory back in %.1f ms", self.name,
+                  (time.perf_counter() - start) * 1e3)
 
     def _full(self, kind: Kind) -> bool:
         if kind == "image":
@@ -660,6 +706,10 @@ class ModelWorker:
                 cur = self._current.get(stream)
                 if cur is not None and cur.gen == gen:
                     del self._current[stream]
+                self._last_batch_end = time.monotonic()
+                self._released = False
+                if not self._current:
+                    self._cond.notify_all()  # stream 0 may now count an idle spell
 
     def _place(self, alone: bool) -> None:
         """Tell a backend that shares out cores which stream runs next, and whether alone."""

@@ -75,6 +75,14 @@ def test_without_open_clip_the_text_target_is_not_judged():
     assert _verdicts(raw, svc)["text_throughput"] == "n/a"
 
 
+def test_idle_memory_is_reported_beside_the_judged_figure():
+    raw, svc = _results(rss_end=1400.0)
+    svc["rss_idle_mb"] = 1200.0
+    row = next(r for r in bench.targets(raw, svc) if r["key"] == "server_rss")
+    assert "1200 MB once idle" in row["measured"]
+    assert row["result"] == "FAIL"  # judged as the run ends, not once idle
+
+
 def test_server_settings_must_be_clip_variables():
     with pytest.raises(SystemExit):
         bench.main(["--out", "/nonexistent", "--server-env", "MAX_QUEUE_ITEMS=4"])
@@ -100,6 +108,7 @@ def test_quick_bench_reports_every_target(tmp_path):
     assert svc["phases"]["image1"]["median"]["ok_per_s"] > 0
     assert len(svc["overload"]["rss_samples"]) >= 3
     assert svc["server_exit"] == 0 and svc["rss_peak_mb"] >= svc["rss_end_mb"] > 0
+    assert 0 < svc["rss_idle_mb"] <= svc["rss_peak_mb"]
     assert report["machine"]["cpu"] and report["machine"]["torch"]
     assert "| target | measured | reference | result |" in (out / "report.md").read_text()
     for name in ("batch_sizes.png", "overload.png"):

@@ -30,3 +30,10 @@ def test_arguments_override_environment(monkeypatch):
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValidationError):
         Settings(**bad)
+
+
+def test_idle_release_reaches_the_batcher(monkeypatch):
+    monkeypatch.setenv("CLIP_RELEASE_AFTER_IDLE_S", "5")
+    assert Settings().batcher().release_after_idle_s == 5.0
+    monkeypatch.setenv("CLIP_RELEASE_AFTER_IDLE_S", "none")
+    assert Settings().batcher().release_after_idle_s is None

@@ -1,0 +1,135 @@
+"""Idle memory release: the worker asks the backend to give memory back once the server
+has been idle a while, once per idle spell, from one thread, never while it works."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from fake_backend import FakeBackend
+from test_batcher import run, serving, until
+
+from service.backend import ClipBackend
+
+
+class ReleasingBackend(FakeBackend):
+    """Records when release_memory ran, on which thread, and what was computing then."""
+
+    def __init__(self, *args: Any, fail: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.releases: list[tuple[float, str, int]] = []  # (time, thread, calls in progress)
+        self.fail = fail
+        self.running = 0
+        self.last_end = 0.0
+        self._counting = threading.Lock()  # two streams call run at once
+
+    def run(self, kind: str, payloads: list[Any]) -> list[Any]:
+        with self._counting:
+            self.running += 1
+        try:
+            return super().run(kind, payloads)
+        finally:
+            with self._counting:
+                self.running -= 1
+                self.last_end = time.monotonic()
+
+    def release_memory(self) -> None:
+        self.releases.append((time.monotonic(), threading.current_thread().name, self.running))
+        if self.fail:
+            raise RuntimeError("fake: release failed")
+
+
+def test_released_once_per_idle_spell_after_the_delay_on_stream_zero():
+    backend = ReleasingBackend(delay_s=0.02)
+
+    async def scenario():
+        async with serving(backend, streams=2, release_after_idle_s=0.15) as worker:
+            await until(lambda: len(backend.releases) == 1)  # idle since the warm-up
+            await asyncio.sleep(0.4)
+            assert len(backend.releases) == 1  # once per spell, not every 0.15 s
+            await asyncio.gather(*(worker.submit("image", i) for i in range(8)))
+            await until(lambda: len(backend.releases) == 2)
+            at, _, running = backend.releases[1]
+            assert at - backend.last_end >= 0.15 - 0.01  # the idle delay, from the last batch
+            assert running == 0
+            assert {name for _, name, _ in backend.releases} == {"model-worker-fake-s0"}
+
+    run(scenario)
+
+
+def test_never_released_while_batches_keep_coming():
+    backend = ReleasingBackend(delay_s=0.03)
+
+    async def scenario():
+        async with serving(backend, release_after_idle_s=0.2) as worker:
+            end = time.monotonic() + 0.8
+            while time.monotonic() < end:  # gaps of ~0.03 s, well under the idle delay
+                await worker.submit("image", "x")
+            assert backend.releases == []
+            await until(lambda: len(backend.releases) == 1)
+
+    run(scenario)
+
+
+def test_none_never_releases():
+    backend = ReleasingBackend()
+
+    async def scenario():
+        async with serving(backend, release_after_idle_s=None) as worker:
+            await worker.submit("image", 1)
+            await asyncio.sleep(0.3)
+        assert backend.releases == []
+
+    run(scenario)
+
+
+def test_a_failing_release_does_not_stop_serving():
+    backend = ReleasingBackend(fail=True)
+
+    async def scenario():
+        async with serving(backend, release_after_idle_s=0.05) as worker:
+            await until(lambda: len(backend.releases) == 1)
+            result = await worker.submit("image", 7)
+            assert result.value == ("image", 7)
+            await until(lambda: len(backend.releases) == 2)
+
+    run(scenario)
+
+
+_FRAGMENTED_HEAP = """
+import sys
+from service.backend import ClipBackend
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+# 2,000 blocks of 60 KB (below glibc's mmap threshold, so from the heap), with a small
+# block after each that stays alive: freeing the big ones leaves holes that free() alone
+# cannot return, as a burst's activations do.
+keep, big = [], []
+for _ in range(2000):
+    big.append(bytearray(60_000))
+    keep.append(bytearray(1000))  # over pymalloc's 512 bytes: from the C heap too
+del big
+before = rss_mb()
+ClipBackend.release_memory(None)
+print(before, rss_mb())
+"""
+
+
+def test_release_memory_gives_the_heaps_free_pages_back():
+    if not sys.platform.startswith("linux"):
+        return
+    out = subprocess.run([sys.executable, "-c", _FRAGMENTED_HEAP], capture_output=True,
+                         text=True, timeout=120, check=True)
+    before, after = map(float, out.stdout.split())
+    assert before - after > 80  # of ~114 MB freed
+
+
+def test_the_clip_backend_is_a_releasing_backend():
+    assert callable(getattr(ClipBackend, "release_memory", None))
