@@ -36,6 +36,8 @@ Batching policy:
 - Items whose deadline passed or whose caller went away are dropped before the model.
 - A failing batch is split in halves down to single items, so one bad input fails one
   request; `OutOfMemory` also shrinks the batch limit, which grows back slowly.
+- Once nothing has been computing or queued for `release_after_idle_s`, stream 0 asks
+  the backend, once per idle spell, to give back the memory the last burst left cached.
 
 This module imports neither torch nor the HTTP layer.
 """
