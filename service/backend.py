@@ -155,7 +155,9 @@ class ClipBackend:
         and glibc keeps what they free: after a burst the process holds its largest
         batches' worth per thread (~180 MB above the live set for ViT-B/32 on 2 cores).
         malloc_trim(0) returns it in a few ms; the next batch faults back only what it
-        uses. The CUDA cache is left alone: warm-up reserved it on purpose.
+        uses. The CUDA cache is left alone: warm-up reserved it on purpose. The trim is
+        process-wide and locks one arena at a time, so another model's worker may keep
+        computing while it runs.
         """
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
@@ -233,7 +235,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # TypeError: CDLL(None) on Windows
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim

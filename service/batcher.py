@@ -120,7 +120,8 @@ class Backend(Protocol):
 
     And `release_memory() -> None`, which the worker calls on stream 0's thread once per
     idle spell, `release_after_idle_s` after the last batch: a burst's largest batches
-    leave memory that allocators keep, and an idle server need not hold it.
+    leave memory that allocators keep, and an idle server need not hold it. It must be
+    quick: the watchdog does not watch it, and a request arriving meanwhile waits for it.
     """
 
     def warmup(self) -> None:

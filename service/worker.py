@@ -420,6 +420,7 @@ class ModelWorker:
                     return
                 with self._cond:
                     self._warm = True
+                    self._last_batch_end = time.monotonic()  # idle from here, not from start
                     self._cond.notify_all()
                 self._post(self._set_started, None)
             else:
@@ -438,6 +439,7 @@ class ModelWorker:
         with self._cond:
             if gen != self._generation[stream]:  # abandoned, and its call returned at last
                 self._abandoned -= 1
+                self._cond.notify_all()  # stream 0 may now count an idle spell
                 log.warning("model %s: a stalled batch returned after all; its thread ends",
                             self.name)
                 return
@@ -477,6 +479,7 @@ class ModelWorker:
                 self._generation[stream] += 1
                 self._abandoned += 1
                 del self._current[stream]
+                self._cond.notify_all()  # the new generation, and stream 0's idle clock
                 stuck = [it for it in cur.batch if it.state is ItemState.TAKEN]
                 for item in stuck:
                     item.state = ItemState.DONE
@@ -583,10 +586,11 @@ class ModelWorker:
     def _release_due(self, stream: int) -> float | None:
         """Lock held. When stream 0 should call the backend's `release_memory`: once per
         idle spell, `release_after_idle_s` after the last batch ended with nothing left
-        computing or queued. None when it should not."""
+        computing or queued, and no abandoned call still inside the backend. None when it
+        should not."""
         after = self.config.release_after_idle_s
         if (stream != 0 or after is None or self._release_hook is None or self._released
-                or self._current or any(self._queues.values())):
+                or self._current or self._abandoned or any(self._queues.values())):
             return None
         return self._last_batch_end + after
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Records the variable's value at the moment torch starts importing: MKL reads it at its
 # first allocation, so a value set after that would be too late to count.
@@ -23,7 +26,7 @@ print(seen[0] if seen else "<torch not imported>")
 
 def _value_at_torch_import(env: dict[str, str]) -> str:
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                         env=env, timeout=120, check=True)
+                         env=env, timeout=120, check=True, cwd=ROOT)
     return out.stdout.strip().splitlines()[-1]
 
 

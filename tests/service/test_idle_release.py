@@ -8,12 +8,17 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 from fake_backend import FakeBackend
 from test_batcher import run, serving, until
 
 from service.backend import ClipBackend
+from service.errors import BatchStalled
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ReleasingBackend(FakeBackend):
@@ -65,12 +70,32 @@ def test_never_released_while_batches_keep_coming():
     backend = ReleasingBackend(delay_s=0.03)
 
     async def scenario():
-        async with serving(backend, release_after_idle_s=0.2) as worker:
-            end = time.monotonic() + 0.8
-            while time.monotonic() < end:  # gaps of ~0.03 s, well under the idle delay
+        async with serving(backend, release_after_idle_s=0.3) as worker:
+            await worker.submit("image", "first")
+            before = len(backend.releases)  # 0 unless start-up itself was slow
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:  # gaps of milliseconds, well under the delay
                 await worker.submit("image", "x")
-            assert backend.releases == []
-            await until(lambda: len(backend.releases) == 1)
+            assert len(backend.releases) == before
+            await until(lambda: len(backend.releases) == before + 1)
+
+    run(scenario)
+
+
+def test_not_released_while_an_abandoned_call_is_still_inside_the_backend():
+    backend = ReleasingBackend(hang_on={"stuck"})
+
+    async def scenario():
+        async with serving(backend, stall_timeout_s=0.2, release_after_idle_s=0.1) as worker:
+            await until(lambda: len(backend.releases) == 1)  # idle since the warm-up
+            await worker.submit("image", "a")  # a batch ends: the next idle spell may release
+            with pytest.raises(BatchStalled):
+                await worker.submit("image", "stuck")
+            await asyncio.sleep(0.4)  # idle, but the stuck call has not returned
+            assert len(backend.releases) == 1
+            backend.release_hang()
+            await until(lambda: len(backend.releases) == 2)
+            assert backend.releases[1][2] == 0  # nothing inside the backend by then
 
     run(scenario)
 
@@ -126,7 +151,7 @@ def test_release_memory_gives_the_heaps_free_pages_back():
     if not sys.platform.startswith("linux"):
         return
     out = subprocess.run([sys.executable, "-c", _FRAGMENTED_HEAP], capture_output=True,
-                         text=True, timeout=120, check=True)
+                         text=True, timeout=120, check=True, cwd=ROOT)
     before, after = map(float, out.stdout.split())
     assert before - after > 80  # of ~114 MB freed
 
