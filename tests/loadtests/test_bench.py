@@ -62,6 +62,7 @@ def test_every_target_passes_when_the_numbers_do():
     ({"overload": _summary(refused_503=4, error=2)}, "overload_clean"),
     ({"rss_growth": 25.0}, "overload_rss_flat"),  # > max(20 MB, 2% of 800 MB)
     ({"rss_end": 1400.0}, "server_rss"),
+    ({"rss_end": 1250.0}, "server_rss"),  # 1,250 MiB is 1.31 x 10^9 bytes: over 1.3 GB
 ])
 def test_a_missed_target_fails_alone(change, failed):
     verdicts = _verdicts(*_results(**change))
@@ -81,6 +82,15 @@ def test_idle_memory_is_reported_beside_the_judged_figure():
     row = next(r for r in bench.targets(raw, svc) if r["key"] == "server_rss")
     assert "1200 MB once idle" in row["measured"]
     assert row["result"] == "FAIL"  # judged as the run ends, not once idle
+
+
+def test_a_server_on_another_torch_build_is_named():
+    # The interpreter is asked, not assumed: here it is this one, so the versions agree.
+    assert bench.torch_version(sys.executable) == bench.torch.__version__
+    svc = {"server_torch": "2.13.0+cpu", "server_python": "/venv/bin/python"}
+    note = bench._other_build("2.14.1+cu130", svc)
+    assert "server ran torch 2.13.0+cpu" in note and "two builds" in note
+    assert bench._other_build("2.14.1+cu130", {**svc, "server_torch": "2.14.1+cu130"}) == ""
 
 
 def test_server_settings_must_be_clip_variables():
