@@ -57,7 +57,13 @@ def test_generated_scenes_get_their_labels_over_json_and_multipart(server):
     data = {"labels": LABELS, "templates": body["templates"], "top_k": "3"}
     m = httpx.post(server.url + "/classify", files=files, data=data, timeout=60)
     assert m.status_code == 200, m.text
-    assert m.json()["results"] == r.json()["results"]
+    # The same labels; the numbers up to rounding, since the two requests' images may meet
+    # the model in batches of other sizes (two CPU streams), which moves the last bits.
+    for a, b in zip(m.json()["results"], r.json()["results"], strict=True):
+        assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
+        for key in ("probability", "cosine"):
+            assert [x[key] for x in a["labels"]] == pytest.approx(
+                [x[key] for x in b["labels"]], rel=1e-5, abs=1e-6)
 
     # The server's probabilities are clip_core's, computed here in-process.
     loaded = load("clip-shapes")
