@@ -79,6 +79,9 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 class Engine:
+    """The operations, over `models`; and what requests share: the text-embedding cache,
+    each model's classifiers, the URL fetcher."""
+
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics

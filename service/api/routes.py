@@ -140,12 +140,11 @@ async def similarity(raw: JsonOrRaw[SimilarityRequest], engine: EngineDep, reque
     m = engine.model(body.model)
     request.state.model = m.name
     deadline = engine.deadline(timeout)
-    sides = [
-        Items(texts=side.texts, images=await load_images(engine, decoded.images[images]))
-        for side, images in ((body.queries, "queries.images"),
-                             (body.candidates, "candidates.images"))
-    ]
-    result = await engine.similarity(m, *sides, deadline)
+    queries = Items(body.queries.texts,
+                    await load_images(engine, decoded.images["queries.images"]))
+    candidates = Items(body.candidates.texts,
+                       await load_images(engine, decoded.images["candidates.images"]))
+    result = await engine.similarity(m, queries, candidates, deadline)
     return SimilarityResponse(model=m.name, cosine=result.cosine.tolist(),
                               logits=result.logits.tolist())
 
