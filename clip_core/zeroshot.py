@@ -73,7 +73,18 @@ def classify(
     model: CLIP, image_embeddings: torch.Tensor, classifier: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities (softmax of logit_scale x cosine) and the raw cosines, both (N, C)."""
+    return scores(image_embeddings, classifier, float(model.logit_scale.detach().float().exp()))
+
+
+def scores(
+    image_embeddings: torch.Tensor, classifier: torch.Tensor, logit_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) image embeddings, (C, E) unit-norm classifier -> probabilities over the C
+    labels (softmax of logit_scale x cosine) and the raw cosines, both (N, C) fp32.
+
+    `logit_scale` is the model's temperature already exponentiated (1/0.07 at CLIP's
+    initialisation), a float so that a server reads the parameter once, at load.
+    """
     img = F.normalize(image_embeddings.float(), dim=-1)
-    cosine = img @ classifier.float().t()
-    probs = (model.logit_scale.exp().float() * cosine).softmax(dim=-1)
-    return probs, cosine
+    cosine = img @ classifier.float().t()  # (N, C)
+    return (logit_scale * cosine).softmax(dim=-1), cosine

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-# MKL keeps per-thread pools of its GEMM buffers; in this server they held 30-60 MB
-# after load, and turning them off cost no measurable speed (docs/benchmarks.md,
-# 2026-11-29). MKL reads this at its first allocation, so it is set before torch is
-# imported; an operator's own value wins.
-os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
+from .tuning import environment_defaults  # imports no torch
+
+# Before anything imports torch: MKL reads its settings at its first allocation. An
+# operator's own values win.
+os.environ.update(environment_defaults(os.environ))
 
 import argparse
 import asyncio
@@ -16,8 +16,10 @@ import json
 import logging
 import sys
 import time
+import warnings
 
 import uvicorn
+from PIL import Image
 from pydantic import ValidationError
 
 from .app import create_app, drain
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clip-serve: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    # Pillow's decompression-bomb warning is an error in the server process (the image
+    # preparer also checks the size itself, whatever the filters say).
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)

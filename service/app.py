@@ -30,6 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = Engine(settings, metrics)
+        metrics.on_scrape(engine.models.refresh_gauges)
         app.state.engine = engine
         app.state.startup_error = None
         try:
@@ -87,7 +88,7 @@ async def drain(app: FastAPI, timeout: float) -> bool:
     lifecycle.draining = True
     engine: Engine | None = getattr(app.state, "engine", None)
     if engine is not None:
-        engine.draining = True
+        engine.models.stop_admitting()
     answered = await lifecycle.wait_idle(max(0.0, end - time.monotonic()))
     if engine is not None:
         await engine.drain(max(0.0, end - time.monotonic()))

@@ -8,23 +8,14 @@ Results are raw fp32 embeddings, one numpy vector (E,) per payload. Callers norm
 (the API's default) or not (`normalize: false`); one cached text vector serves both.
 
 Threads: on CPU the model gets `threads` cores (default: every core this process may
-use), shared out over the worker's streams by `place`: with two streams on two cores,
-each batch runs single-threaded, except that a batch running alone on stream 0 uses
-both. torch's thread count belongs to the calling thread (OpenMP's setting is per
-thread), so each serving thread sets its own. On CUDA it is left alone.
-Only the serving threads should run parallel torch ops: libgomp keeps a team of threads
-for each thread that ever ran one, and when it manages more threads than there are cores
-it stops spinning between regions, which slowed a 2-core CPU's forward passes by 20-25%.
-Hence only stream 0 ever runs wide, the model loads in a thread that then ends
-(service.core), and image preprocessing makes its tensors without torch kernels
-(clip_core.preprocess).
+use), shared out over the worker's streams by `place` as service.tuning decides. torch's
+thread count belongs to the calling thread (OpenMP's setting is per thread), so each
+serving thread sets its own. On CUDA it is left alone.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +27,7 @@ from clip_core.loader import LoadedModel
 
 from .batcher import BatcherConfig, Kind
 from .errors import OutOfMemory
+from .tuning import release_heap, thread_share, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +81,12 @@ class ClipBackend:
                                   device=self.device).view(3, 1, 1)
         self._std = torch.tensor(self.preprocess.std, dtype=torch.float32,
                                  device=self.device).view(3, 1, 1)
+        # The factor cosines are multiplied by before the softmax: exp of the stored log.
+        # Read once here, as a float: on CUDA each read of the parameter is a device sync.
+        self.logit_scale = float(self.model.logit_scale.detach().float().exp())
         self._cuda = self.device.type == "cuda"
         self._local = threading.local()  # .threads: what this thread last set torch to
 
-    @property
-    def logit_scale(self) -> float:
-        """The factor cosines are multiplied by before the softmax: exp of the stored log."""
-        return float(self.model.logit_scale.detach().float().exp())
 
     # ---- the Backend protocol ----
 
@@ -128,18 +119,13 @@ class ClipBackend:
     @property
     def cpu_threads(self) -> int:
         """Cores the model may use on CPU, all streams together."""
-        return self.threads or _usable_cores()
+        return self.threads or usable_cores()
 
     def place(self, stream: int, streams: int, alone: bool) -> None:
         """Size the calling serving thread's torch pool for its next batch: every core
         when alone on stream 0, else stream `stream`'s share of them."""
-        if self._cuda:
-            return
-        total = self.cpu_threads
-        if alone and stream == 0:
-            self._use_threads(total)
-        else:  # an even split; the first streams take what does not divide
-            self._use_threads(max(1, total // streams + (stream < total % streams)))
+        if not self._cuda:
+            self._use_threads(thread_share(self.cpu_threads, stream, streams, alone))
 
     def _use_threads(self, n: int) -> None:
         # Only on a change: torch.set_num_threads also clears oneDNN's primitive cache.
@@ -148,19 +134,10 @@ class ClipBackend:
             self._local.threads = n
 
     def release_memory(self) -> None:
-        """Give the C heap's free pages back to the system; the worker calls it once the
-        server has been idle a while.
-
-        Every serving thread allocates its batches' activations from its own glibc arena,
-        and glibc keeps what they free: after a burst the process holds its largest
-        batches' worth per thread (~180 MB above the live set for ViT-B/32 on 2 cores).
-        malloc_trim(0) returns it in a few ms; the next batch faults back only what it
-        uses. The CUDA cache is left alone: warm-up reserved it on purpose. The trim is
-        process-wide and locks one arena at a time, so another model's worker may keep
-        computing while it runs.
-        """
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        """Give the C heap's free pages back to the system (service.tuning.release_heap);
+        the worker calls it once the server has been idle a while. The CUDA cache is left
+        alone: warm-up reserved it on purpose."""
+        release_heap()
 
     def run(self, kind: Kind, payloads: list[object]) -> list[np.ndarray]:
         """One fp32 (E,) vector per payload, in order. OutOfMemory when the batch does not
@@ -231,28 +208,9 @@ class ClipBackend:
         return [sot, *torch.randint(1, sot, (n - 2,), generator=g).tolist(), eot]
 
 
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError, TypeError):  # TypeError: CDLL(None) on Windows
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
     message = str(err)
     return any(m in message for m in _OOM_MESSAGES)
 
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the cores a container's cpuset allows
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

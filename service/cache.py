@@ -20,14 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
-class CacheStats:
-    hits: int  # text occurrences served from the cache
-    misses: int  # distinct texts that had to be computed
-    size: int
-    capacity: int
-
-
 @dataclass
 class CacheLookup:
     """What `EmbeddingCache.lookup` found: the cached values and the texts left to compute."""
@@ -47,23 +39,9 @@ class EmbeddingCache:
         self.capacity = capacity
         self._entries: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
         self._lock = threading.Lock()
-        self._hits = 0
-        self._misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def get(self, model: Hashable, text: str) -> Any | None:
-        """The cached value, refreshed as most recently used, or None. Counts a hit or miss."""
-        key = (model, text)
-        with self._lock:
-            value = self._entries.get(key)
-            if value is None:
-                self._misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self._hits += 1
-            return value
 
     def put(self, model: Hashable, text: str, value: Any) -> None:
         if value is None:
@@ -93,8 +71,6 @@ class EmbeddingCache:
                 else:
                     self._entries.move_to_end(key)
                     found[text] = value
-            self._hits += sum(1 for t in texts if t in found)
-            self._misses += len(missing)
         return CacheLookup(model=model, texts=texts, found=found, missing=list(missing))
 
     def complete(self, lookup: CacheLookup, computed: Sequence[Any]) -> list[Any]:
@@ -108,11 +84,3 @@ class EmbeddingCache:
             self.put(lookup.model, text, value)
             values[text] = value
         return [values[t] for t in lookup.texts]
-
-    def stats(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(self._hits, self._misses, len(self._entries), self.capacity)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()

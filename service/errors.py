@@ -32,13 +32,6 @@ class DeadlineExceeded(ServiceError):
     """The request's deadline passed before all of its items were computed."""
 
 
-class Cancelled(ServiceError):
-    """The caller went away (client disconnected) before the request completed."""
-
-
-ClientGone = Cancelled
-
-
 class WorkerUnavailable(ServiceError):
     """The model worker is not serving: not started, warming up, stopped or stalled."""
 

@@ -1,10 +1,14 @@
 """Every Prometheus metric the service exports, defined here and nowhere else.
 
 Each app gets its own registry, so several apps (tests) can live in one process.
-`WorkerMetrics` plugs the batcher's events into these metrics for one model.
+`WorkerMetrics` plugs the batcher's events into these metrics for one model; gauges read
+from state rather than tracked (readiness, CUDA memory) are set by the functions given
+to `on_scrape`, before every render.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-export)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -18,6 +22,7 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class Metrics:
     def __init__(self) -> None:
+        self._on_scrape: list[Callable[[], None]] = []
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "clip_requests", "HTTP requests answered", ["endpoint", "model", "status"], registry=r
@@ -90,7 +95,13 @@ class Metrics:
             registry=r,
         )
 
+    def on_scrape(self, refresh: Callable[[], None]) -> None:
+        """Call `refresh` before each render: it sets the gauges that are read, not tracked."""
+        self._on_scrape.append(refresh)
+
     def render(self) -> bytes:
+        for refresh in self._on_scrape:
+            refresh()
         return generate_latest(self.registry)
 
     def for_worker(self, model: str) -> WorkerMetrics:

@@ -1,10 +1,11 @@
 """Request inputs -> worker payloads, off the event loop.
 
 Images are decoded, resized and cropped to uint8 (3, S, S) tensors in a bounded thread
-pool: Pillow releases the GIL while it decodes and resamples, so this overlaps the model
-and other requests. Texts become token id lists [sot, ..., eot] without padding; large
-requests are tokenised in an executor so the loop stays responsive (the BPE holds the
-GIL, so this buys responsiveness, not throughput).
+pool at a lower priority than the model (service.tuning): Pillow releases the GIL while
+it decodes and resamples, so this overlaps the model and other requests. Texts become
+token id lists [sot, ..., eot] without padding; large requests are tokenised in an
+executor so the loop stays responsive (the BPE holds the GIL, so this buys
+responsiveness, not throughput).
 
 Errors name the offending input by its index in the request ("image 3: ...").
 """
@@ -12,12 +13,8 @@ Errors name the offending input by its index in the request ("image 3: ...").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
-import os
-import sys
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -30,26 +27,9 @@ from clip_core.preprocess import DECODE_FORMATS, ImageTransform, open_image
 from clip_core.tokenizer import Tokenizer, TokenRows
 
 from .errors import ImageFormatNotAllowed, ImageTooLarge
+from .tuning import lower_priority
 
 log = logging.getLogger(__name__)
-
-# How much nicer than the process the decoding threads run. On a small CPU they share
-# cores with torch's threads, and a torch thread waiting for a core stalls its whole
-# parallel region (the others wait at the barrier): at a lower priority the decoders
-# give a core back to the model at once and use what it leaves. About +4% images/s
-# through the service on 2 cores (ViT-B/32, 16 callers), within the run-to-run noise
-# of single runs but consistent over three pairs.
-DECODER_NICENESS = 10
-
-
-def _lower_priority() -> None:
-    if sys.platform != "linux":  # a thread id names one thread only on Linux
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid,
-                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + DECODER_NICENESS))
-
 
 # 8192 x 8192: a 50-megapixel photo passes; a decoded image is at most ~256 MB as RGBA,
 # and the pool decodes at most max_workers of them at once.
@@ -124,7 +104,7 @@ class ImagePreparer:
         self.formats = tuple(f.upper() for f in formats)
         self.exif_orientation = exif_orientation
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="prepare-image",
-                                            initializer=_lower_priority)
+                                            initializer=lower_priority)
 
     async def prepare(self, images: Sequence[ImageBytes]) -> list[torch.Tensor]:
         """One uint8 (3, S, S) tensor per image, in order.
@@ -214,15 +194,6 @@ class ImagePreparer:
         return ImageOps.exif_transpose(image)
 
 
-class PreparedTexts(TokenRows):
-    """A request's texts as the worker takes them: the tokenizer's unpadded id lists."""
-
-    @property
-    def costs(self) -> list[int]:
-        """Tokens the model computes per text: the batcher's cost of each text item."""
-        return [len(row) for row in self.ids]
-
-
 class TextPreparer:
     """Texts -> token id lists. Requests over either threshold go to `executor` (None:
     the loop's default executor) when prepared with `aprepare`."""
@@ -240,13 +211,13 @@ class TextPreparer:
         self.inline_max_chars = inline_max_chars
         self._executor = executor
 
-    def prepare(self, texts: Sequence[str], truncate: bool = True) -> PreparedTexts:
-        """Blocking. With `truncate=False`, TextTooLong names the first text that is over."""
+    def prepare(self, texts: Sequence[str], truncate: bool = True) -> TokenRows:
+        """Blocking: the unpadded id lists the worker takes, one per text. With
+        `truncate=False`, TextTooLong names the first text that is over."""
         # Lists, not a tensor: a request's few texts are tokenised on the event loop.
-        out = self.tokenizer.rows(texts, truncate=truncate)
-        return PreparedTexts(out.ids, out.n_tokens, out.truncated)
+        return self.tokenizer.rows(texts, truncate=truncate)
 
-    async def aprepare(self, texts: Sequence[str], truncate: bool = True) -> PreparedTexts:
+    async def aprepare(self, texts: Sequence[str], truncate: bool = True) -> TokenRows:
         """`prepare`, inline when small, in the executor when large."""
         if not self.is_large(texts):
             return self.prepare(texts, truncate)

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..core import Engine, ServedModel, unit
+from ..core import Engine, Items
 from ..errors import InvalidRequest
 from ..metrics import CONTENT_TYPE
 from .errors import OPENAPI_ERRORS, not_alive, not_ready
@@ -28,7 +28,6 @@ from .schemas import (
     EmbedRequest,
     EmbedResponse,
     ImageEmbedding,
-    Inputs,
     LabelScore,
     ModelCard,
     ModelList,
@@ -63,15 +62,6 @@ def _encode(vectors: np.ndarray, encoding: str) -> list:
     return vectors.tolist()
 
 
-async def _embed_inputs(engine: Engine, m: ServedModel, inputs: Inputs,
-                        images: list[bytes | str], deadline: float) -> np.ndarray:
-    if inputs.texts:
-        emb, _ = await engine.embed_texts(m, inputs.texts, truncate=True, deadline=deadline)
-    else:
-        emb = await engine.embed_images(m, await load_images(engine, images), deadline)
-    return unit(emb)
-
-
 @inference.post("/embed", response_model=EmbedResponse, openapi_extra=EMBED_FORM.openapi())
 async def embed(raw: JsonOrRaw[EmbedRequest], engine: EngineDep, request: Request,
                 timeout: TimeoutHeader = None) -> EmbedResponse:
@@ -88,18 +78,18 @@ async def embed(raw: JsonOrRaw[EmbedRequest], engine: EngineDep, request: Reques
     texts_out: list[TextEmbedding] = []
     images_out: list[ImageEmbedding] = []
     if body.texts:
-        emb, prep = await engine.embed_texts(m, body.texts, body.truncate, deadline)
-        emb = unit(emb) if body.normalize else emb
+        texts = await engine.embed_texts(m, body.texts, body.truncate, deadline,
+                                         normalize=body.normalize)
         texts_out = [
             TextEmbedding(embedding=e, n_tokens=n, truncated=t)
-            for e, n, t in zip(_encode(emb, body.encoding), prep.n_tokens, prep.truncated,
-                               strict=True)
+            for e, n, t in zip(_encode(texts.vectors, body.encoding), texts.n_tokens,
+                               texts.truncated, strict=True)
         ]
     if sources:
-        emb = await engine.embed_images(m, await load_images(engine, sources), deadline)
-        emb = unit(emb) if body.normalize else emb
+        emb = await engine.embed_images(m, await load_images(engine, sources), deadline,
+                                        normalize=body.normalize)
         images_out = [ImageEmbedding(embedding=e) for e in _encode(emb, body.encoding)]
-    return EmbedResponse(model=m.name, dimension=m.backend.info.embed_dim,
+    return EmbedResponse(model=m.name, dimension=m.info.embed_dim,
                          encoding=body.encoding, texts=texts_out, images=images_out)
 
 
@@ -121,14 +111,10 @@ async def classify(raw: JsonOrRaw[ClassifyRequest], engine: EngineDep, request: 
     request.state.model = m.name
     deadline = engine.deadline(timeout)
     images = await load_images(engine, sources)
-    clf = await engine.classifier(m, body.labels, body.templates, deadline)  # (C, E)
-    cosine = unit(await engine.embed_images(m, images, deadline)) @ clf.T  # (N, C)
-    logits = m.backend.logit_scale * cosine
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    scores = await engine.classify(m, images, body.labels, body.templates, deadline)
     k = min(body.top_k or len(body.labels), len(body.labels))
     results = []
-    for p, c in zip(probs, cosine, strict=True):
+    for p, c in zip(scores.probabilities, scores.cosine, strict=True):
         order = np.argsort(-p, kind="stable")[:k]
         results.append(Classification(labels=[
             LabelScore(label=body.labels[j], probability=float(p[j]), cosine=float(c[j]))
@@ -154,12 +140,13 @@ async def similarity(raw: JsonOrRaw[SimilarityRequest], engine: EngineDep, reque
     m = engine.model(body.model)
     request.state.model = m.name
     deadline = engine.deadline(timeout)
-    q = await _embed_inputs(engine, m, body.queries, decoded.images["queries.images"], deadline)
-    c = await _embed_inputs(engine, m, body.candidates, decoded.images["candidates.images"],
-                            deadline)
-    cosine = q @ c.T
-    return SimilarityResponse(model=m.name, cosine=cosine.tolist(),
-                              logits=(m.backend.logit_scale * cosine).tolist())
+    queries = Items(body.queries.texts,
+                    await load_images(engine, decoded.images["queries.images"]))
+    candidates = Items(body.candidates.texts,
+                       await load_images(engine, decoded.images["candidates.images"]))
+    result = await engine.similarity(m, queries, candidates, deadline)
+    return SimilarityResponse(model=m.name, cosine=result.cosine.tolist(),
+                              logits=result.logits.tolist())
 
 
 @inference.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse)
@@ -178,18 +165,20 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, engine: EngineDep, req
         engine.limits.check_texts("input", items)
     m = engine.model(body.model)
     request.state.model = m.name
-    dim = m.backend.info.embed_dim
+    dim = m.info.embed_dim
     if body.dimensions is not None and body.dimensions != dim:
         raise InvalidRequest(f"dimensions must be {dim} for model {m.name!r}")
     deadline = engine.deadline(timeout)
     if body.modality == "image":
-        emb = await engine.embed_images(m, await load_images(engine, items), deadline)
+        emb = await engine.embed_images(m, await load_images(engine, items), deadline,
+                                        normalize=True)
         tokens = 0
     else:
-        emb, prep = await engine.embed_texts(m, items, truncate=True, deadline=deadline)
-        tokens = sum(prep.n_tokens)
+        texts = await engine.embed_texts(m, items, truncate=True, deadline=deadline,
+                                         normalize=True)
+        emb, tokens = texts.vectors, sum(texts.n_tokens)
     data = [OpenAIEmbedding(index=i, embedding=e)
-            for i, e in enumerate(_encode(unit(emb), body.encoding_format))]
+            for i, e in enumerate(_encode(emb, body.encoding_format))]
     return OpenAIEmbeddingResponse(
         data=data, model=m.name, usage=OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens))
 
@@ -197,11 +186,11 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, engine: EngineDep, req
 @inference.get("/v1/models", response_model=ModelList)
 async def models(engine: EngineDep) -> ModelList:
     cards = []
-    for spec in engine.unavailable:
+    for spec in engine.models.unavailable:
         cards.append(ModelCard(name=spec, dimension=0, image_size=0, context_length=0,
                                device="none", dtype="none", status="unavailable"))
     for m in engine.models.values():
-        info = m.backend.info
+        info = m.info
         cards.append(ModelCard(
             name=info.name, dimension=info.embed_dim, image_size=info.image_size,
             context_length=info.context_length, device=info.device, dtype=info.dtype,
@@ -214,7 +203,7 @@ async def models(engine: EngineDep) -> ModelList:
 async def healthz(request: Request) -> Response:
     """Liveness: the event loop answers and no model's worker has stopped for good."""
     engine: Engine | None = getattr(request.app.state, "engine", None)
-    if engine is not None and not engine.alive:
+    if engine is not None and not engine.models.alive:
         return not_alive()
     return JSONResponse({"status": "ok"})
 
@@ -223,11 +212,11 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Ready when every model is loaded, warmed up and accepting work."""
     engine: Engine | None = getattr(request.app.state, "engine", None)
-    if engine is None or not engine.ready:
+    if engine is None or not engine.models.ready:
         return not_ready()
     body: dict = {"status": "ready"}
-    if engine.unavailable:  # serve_others: these failed to load; the rest serve
-        body["unavailable"] = sorted(engine.unavailable)
+    if engine.models.unavailable:  # serve_others: these failed to load; the rest serve
+        body["unavailable"] = sorted(engine.models.unavailable)
     return JSONResponse(body)
 
 

@@ -205,3 +205,18 @@ def test_request_timeout_header_is_validated(client):
     assert r.status_code == 422
 
 
+
+
+def test_requests_read_no_model_parameter(client, monkeypatch):
+    """logit_scale is read once, at load, as a float: on CUDA every read of the parameter
+    would be a device sync on the event loop."""
+    img = _b64(_png((30, 160, 90)))
+    before = client.post("/similarity", json={"queries": {"images": [img]},
+                                              "candidates": {"texts": ["a", "b"]}}).json()
+    monkeypatch.setattr(client.app.state.engine.model(None).backend.model, "logit_scale", None)
+    after = client.post("/similarity", json={"queries": {"images": [img]},
+                                             "candidates": {"texts": ["a", "b"]}})
+    assert after.status_code == 200, after.text
+    assert after.json()["logits"] == before["logits"]
+    r = client.post("/classify", json={"images": [img], "labels": ["a", "b"]})
+    assert r.status_code == 200, r.text

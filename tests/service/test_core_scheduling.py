@@ -4,12 +4,19 @@ refusals made before any image is decoded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import io
+import os
+import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_VIT, random_clip
+import torch
+from conftest import TINY_VIT, metric_total, random_clip
 from PIL import Image
 
 from clip_core.checkpoint import save_checkpoint
@@ -68,7 +75,7 @@ def test_concurrent_requests_for_a_new_label_set_embed_it_once(checkpoint):
                 np.testing.assert_array_equal(clf, clfs[0])
             await engine.classifier(m, labels, None, deadline)
             assert len(calls) == 1  # and then the cache
-            assert not m.building
+            assert not engine.classifiers[m.name].building
         finally:
             await engine.drain(5)
 
@@ -98,10 +105,11 @@ def test_under_overload_images_are_refused_before_they_are_decoded(checkpoint):
     async def scenario():
         engine = await started(checkpoint, max_queue_items=2)
         m = engine.model(None)
-        gate = threading.Event()
+        entered, gate = threading.Event(), threading.Event()
         run_batch = m.backend.run
 
         def held(kind, payloads):
+            entered.set()
             gate.wait(10)
             return run_batch(kind, payloads)
 
@@ -117,12 +125,13 @@ def test_under_overload_images_are_refused_before_they_are_decoded(checkpoint):
         try:
             deadline = engine.deadline(None)
             busy = asyncio.ensure_future(engine.embed_images(m, [_png(), _png()], deadline))
-            await asyncio.sleep(0.2)
-            assert m.worker.stats().outstanding == 2
+            while not entered.is_set():  # until both images are on the model
+                await asyncio.sleep(0.005)
             with pytest.raises(Overloaded):
                 await engine.embed_images(m, [_png()], deadline)
             assert decoded == [2]  # the refused image was never decoded
-            assert m.worker.stats().rejected == 1
+            assert metric_total(engine.metrics.render().decode(), "clip_rejected_items_total",
+                                model=m.name, modality="image") == 1
             gate.set()
             assert (await busy).shape == (2, 64)
         finally:
@@ -132,39 +141,76 @@ def test_under_overload_images_are_refused_before_they_are_decoded(checkpoint):
     run(scenario)
 
 
-def _threads() -> int:
-    import os
-    return len(os.listdir("/proc/self/task"))
+def _threads_named(name: str) -> int:
+    """Threads of this process whose kernel name is `name`, read from /proc."""
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            count += Path(f"/proc/self/task/{tid}/comm").read_text().strip() == name
+    return count
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux /proc")
-def test_preprocessing_in_another_thread_starts_no_openmp_team():
-    """Only the worker thread should own an OpenMP team (service.backend explains why)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _name_this_thread(name: str) -> None:
+    """The calling thread's kernel name (at most 15 bytes); threads it starts inherit it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(15, name.encode(), 0, 0, 0) != 0:  # PR_SET_NAME
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME)")
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and prctl")
+@pytest.mark.parametrize("parallel_op", [False, True])
+def test_preprocessing_in_another_thread_starts_no_openmp_team(parallel_op):
+    """Only the worker thread should own an OpenMP team (service.tuning explains why).
+
+    A thread that libgomp starts for a team inherits the kernel name of the thread that
+    ran the parallel op, so the preparing thread gets a name of its own and the test
+    counts the threads that bear it: other threads of the process, starting or ending,
+    are not counted. The parallel op shows that the count sees a team when there is one.
+    """
     from clip_core.preprocess import ImageTransform
 
     transform = ImageTransform(PreprocessConfig(image_size=224))
     image = Image.new("RGB", (640, 480), (10, 120, 200))
+    name = "prep-probe"
+
+    def prepare():
+        _name_this_thread(name)
+        pixels = transform.pixels(image)
+        if parallel_op:
+            with torch_threads(2):
+                torch.ones(512, 512) @ torch.ones(512, 512)
+        return pixels, _threads_named(name)
+
     with ThreadPoolExecutor(1) as pool:
-        pool.submit(lambda: None).result()
-        before = _threads()
-        pixels = pool.submit(transform.pixels, image).result()
-        assert _threads() == before  # no helper threads left behind by a parallel kernel
+        pixels, named = pool.submit(prepare).result()
     assert pixels.shape == (3, 224, 224) and pixels.is_contiguous()
+    if parallel_op:
+        assert named > 1  # the thread and the team it started
+    else:
+        assert named == 1  # the preparing thread alone: no team left behind
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_model_loads_in_a_thread_that_ends(checkpoint, monkeypatch):
-    import service.core
+    import service.models
 
     loaders: list[threading.Thread] = []
-    load = service.core.load
+    load = service.models.load
 
     def recording_load(*args, **kwargs):
         loaders.append(threading.current_thread())
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(service.core, "load", recording_load)
+    monkeypatch.setattr(service.models, "load", recording_load)
 
     async def scenario():
         engine = await started(checkpoint)

@@ -59,7 +59,7 @@ def test_serve_others_keeps_a_broken_model_out_whole(checkpoint, tmp_path):
     with TestClient(app) as c:
         assert app.state.startup_error is None
         engine = app.state.engine
-        assert list(engine.models) == ["tiny"] and missing in engine.unavailable
+        assert list(engine.models) == ["tiny"] and missing in engine.models.unavailable
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["unavailable"] == [missing]
         cards = {m["name"]: m["status"] for m in c.get("/v1/models").json()["data"]}
@@ -88,7 +88,7 @@ def test_a_warm_up_that_fails_is_not_half_loaded(checkpoint, monkeypatch):
                               on_model_load_failure="serve_others"))
     with TestClient(app) as c:
         engine = app.state.engine
-        assert list(engine.models) == ["tiny"] and list(engine.unavailable) == [str(broken)]
+        assert list(engine.models) == ["tiny"] and list(engine.models.unavailable) == [str(broken)]
         assert c.get("/readyz").status_code == 200
         r = c.post("/embed", json={"texts": ["x"]})  # the default model is the broken one
         assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"

@@ -251,11 +251,11 @@ def test_refusals_are_counted_by_type(client):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux's")
 def test_decoders_run_at_a_lower_priority_than_the_model():
-    """The decoding threads yield a shared core to torch's threads (service.prepare)."""
+    """The decoding threads yield a shared core to torch's threads (service.tuning)."""
     import os
     import threading
 
-    from service.prepare import DECODER_NICENESS
+    from service.tuning import DECODER_NICENESS
 
     preparer = ImagePreparer(PREP, 1)
     try:

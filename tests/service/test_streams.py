@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +20,6 @@ from test_batcher import run, serving, until
 from clip_core.loader import LoadedModel
 from service.backend import ClipBackend
 from service.batcher import BatcherConfig, Request
-from service.core import _default_streams
 from service.errors import BatchStalled, WorkerUnavailable
 from service.worker import ModelWorker
 
@@ -253,16 +251,6 @@ def test_place_sizes_the_calling_threads_pool_only():
         t.start()
         t.join(10)
     assert shares == [2, 1]
-
-
-def test_two_streams_by_default_on_a_cpu_with_two_cores_one_on_a_gpu():
-    def fake(device: str, cores: int):
-        return SimpleNamespace(device=torch.device(device), cpu_threads=cores)
-
-    assert _default_streams(fake("cpu", 2)) == 2
-    assert _default_streams(fake("cpu", 16)) == 2
-    assert _default_streams(fake("cpu", 1)) == 1
-    assert _default_streams(fake("cuda", 16)) == 1
 
 
 def test_admission_counts_the_batch_a_request_would_join():

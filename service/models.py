@@ -1,0 +1,189 @@
+"""The served models' lifecycle: load, warm up, report health, drain.
+
+`ServedModels` owns every configured model from start-up to shutdown and answers
+whether they serve; it computes nothing for callers (that is `service.core.Engine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from clip_core.errors import ModelNotFound
+from clip_core.loader import load
+from clip_core.tokenizer import Tokenizer
+
+from .backend import BackendInfo, ClipBackend
+from .errors import ModelUnavailable
+from .metrics import Metrics
+from .prepare import ImagePreparer, TextPreparer
+from .settings import Settings
+from .tuning import default_streams, in_passing_thread
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One loaded model: its backend on the device, the worker that batches for it, and
+    the preparers that turn request inputs into the worker's payloads."""
+
+    name: str
+    backend: ClipBackend
+    worker: ModelWorker
+    images: ImagePreparer
+    texts: TextPreparer
+
+    @property
+    def info(self) -> BackendInfo:
+        return self.backend.info
+
+    @property
+    def ready(self) -> bool:
+        return self.worker.ready
+
+
+def cuda_memory_allocated() -> dict[str, int]:
+    """Bytes held by tensors on each CUDA device, by device name; nothing before this
+    process has used CUDA. Reads the caching allocator's counters: no device sync."""
+    if not torch.cuda.is_initialized():
+        return {}
+    return {f"cuda:{i}": torch.cuda.memory_allocated(i)
+            for i in range(torch.cuda.device_count())}
+
+
+class ServedModels(Mapping[str, ServedModel]):
+    """The configured models by name, from loading to drain.
+
+    A model is served whole or not at all: one that fails to load or warm up either
+    stops start-up, or with on_model_load_failure=serve_others is kept out and listed in
+    `unavailable`.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.unavailable: dict[str, str] = {}  # spec -> why it did not load
+        self.default: str | None = None  # the first configured model, loaded or not
+        self._served: dict[str, ServedModel] = {}
+        self._draining = False
+        self._drained = False
+
+    # ---- the mapping: loaded models only ----
+
+    def __getitem__(self, name: str) -> ServedModel:
+        return self._served[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._served)
+
+    def __len__(self) -> int:
+        return len(self._served)
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model a request names (None: the default), or ModelNotFound / ModelUnavailable."""
+        if name is None:
+            name = self.default
+        served = self._served.get(name) if name is not None else None
+        if served is None:
+            if name in self.unavailable:
+                raise ModelUnavailable("the requested model failed to load and is unavailable")
+            # The caller's name is not echoed; the loaded ones are ours to name.
+            raise ModelNotFound(f"the requested model is not loaded; loaded: "
+                                f"{', '.join(self._served) or 'none'}")
+        return served
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        """Load every model and warm it up; raises when one fails (the process exits), or
+        with serve_others when none at all could be loaded."""
+        s = self.settings
+        device = s.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        tokenizer = Tokenizer()
+        for i, spec in enumerate(s.models):
+            try:
+                served = await self._load(spec, device, tokenizer)
+            except Exception as e:
+                if s.on_model_load_failure == "exit":
+                    raise
+                log.error("model %s failed to load and is unavailable: %s", spec, e)
+                self.unavailable[spec] = str(e)
+                if i == 0:
+                    self.default = spec
+                continue
+            self._served[served.name] = served
+            self.default = self.default or served.name
+            info = served.info
+            self.metrics.model_info.labels(info.name, info.device, info.dtype).set(1)
+            log.info("model %s ready on %s (%s)", info.name, info.device, info.dtype)
+        if not self._served:  # serve_others with nothing to serve: exit as "exit" would
+            raise ModelUnavailable(f"no model could be loaded ({', '.join(self.unavailable)})")
+
+    async def _load(self, spec: str, device: str, tokenizer: Tokenizer) -> ServedModel:
+        s = self.settings
+        loaded = await in_passing_thread(
+            load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
+            offline=s.offline, random_weights=s.random_weights, progress=False,
+        )
+        backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
+        batching = dataclasses.replace(backend.batching,
+                                       streams=s.streams or default_streams(backend))
+        if device == "cpu":
+            log.info("model %s: %d CPU threads, %d stream(s)", loaded.name,
+                     backend.cpu_threads, batching.streams)
+        worker = ModelWorker(backend, batching, name=loaded.name,
+                             events=self.metrics.for_worker(loaded.name))
+        await worker.start()  # WorkerUnavailable when the warm-up fails; nothing is kept
+        images = ImagePreparer(
+            loaded.preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
+            max_frames=s.max_image_frames, formats=s.image_formats,
+            exif_orientation=s.exif_orientation,
+        )
+        return ServedModel(name=loaded.name, backend=backend, worker=worker, images=images,
+                           texts=TextPreparer(tokenizer))
+
+    @property
+    def ready(self) -> bool:
+        """Every model that loaded serves (those that failed to load are reported apart)."""
+        return (not self._draining and bool(self._served)
+                and all(m.ready for m in self._served.values()))
+
+    @property
+    def alive(self) -> bool:
+        """False when a model's worker stopped on its own and will not come back."""
+        return not any(m.worker.failed for m in self._served.values())
+
+    def stop_admitting(self) -> None:
+        """Readiness off at once, before the accepted requests are waited for."""
+        self._draining = True
+
+    async def drain(self, timeout: float) -> None:
+        """Stop every worker after its accepted work (idempotent)."""
+        self._draining = True
+        if self._drained:
+            return
+        self._drained = True
+        await asyncio.gather(*(m.worker.drain(timeout) for m in self._served.values()))
+        for m in self._served.values():
+            m.images.close()
+
+    def refresh_gauges(self) -> None:
+        """Set the gauges that are read from state rather than tracked: whether each
+        model serves (0 once its worker has died, while draining, or when it failed to
+        load) and CUDA memory. `Metrics.render` calls it on every scrape."""
+        for spec in self.unavailable:
+            self.metrics.model_ready.labels(spec).set(0)
+        for m in self._served.values():
+            serving = m.ready and not self._draining
+            self.metrics.model_ready.labels(m.name).set(1 if serving else 0)
+        for device, allocated in cuda_memory_allocated().items():
+            self.metrics.cuda_memory.labels(device).set(allocated)
