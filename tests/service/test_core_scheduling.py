@@ -118,11 +118,12 @@ def test_under_overload_images_are_refused_before_they_are_decoded(checkpoint):
             deadline = engine.deadline(None)
             busy = asyncio.ensure_future(engine.embed_images(m, [_png(), _png()], deadline))
             await asyncio.sleep(0.2)
-            assert m.worker.stats().outstanding == 2
+            assert m.worker.dispatcher.queue.outstanding == 2
             with pytest.raises(Overloaded):
                 await engine.embed_images(m, [_png()], deadline)
             assert decoded == [2]  # the refused image was never decoded
-            assert m.worker.stats().rejected == 1
+            assert engine.metrics.registry.get_sample_value(
+                "clip_rejected_items_total", {"model": m.name, "modality": "image"}) == 1
             gate.set()
             assert (await busy).shape == (2, 64)
         finally:
