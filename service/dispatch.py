@@ -158,10 +158,6 @@ class Dispatcher:
             dropped = self.queue.drop_request(req)
             return len(dropped), self.queue.depth(req.kind)
 
-    def depth(self, kind: Kind) -> int:
-        with self._cond:
-            return self.queue.depth(kind)
-
     # ---- the serving threads' side ----
 
     def next_step(self, stream: int, gen: int) -> Batch | Release | None:

@@ -463,7 +463,7 @@ def test_the_worker_drops_expired_items_even_before_the_loop_notices():
             time.sleep(0.05)
             await blocker
             await until(lambda: events.of("items_dropped") == [("image", "expired", 2)])
-            assert worker.dispatcher.depth("image") == 0
+            assert worker.dispatcher.queue.depth("image") == 0
             with pytest.raises(DeadlineExceeded):
                 await doomed
             assert events.of("items_dropped") == [("image", "expired", 2)]
@@ -485,7 +485,7 @@ def test_cancelled_items_never_reach_the_model():
             gone.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await gone
-            assert worker.dispatcher.depth("image") == 1
+            assert worker.dispatcher.queue.depth("image") == 1
             backend.resume()
             assert (await stays).value == ("image", "kept")
             await blocker
