@@ -1,8 +1,9 @@
 """Dynamic batching policy: what a batch is, and the contracts around the worker.
 
-The config, the backend and events protocols, the queue item and result types, and the
-pure rules that form batches (length grouping, padded-token cost). The thread that applies
-them is `service.worker.ModelWorker`.
+The config, the backend and events protocols, the queue item and result types, the cost
+model and the rules that form batches (length grouping, padded-token cost). The units that
+apply them are described in docs/architecture.md ("The model worker"); the facade callers
+use is `service.worker.ModelWorker`.
 
 Batching policy:
 - An idle worker starts at once with whatever is queued; while it computes, new items
@@ -45,10 +46,11 @@ This module imports neither torch nor the HTTP layer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -161,6 +163,45 @@ class NoEvents(BatcherEvents):
     """Every hook does nothing; subclass it and override the hooks you need."""
 
 
+@contextlib.contextmanager
+def _hook(name: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:  # metrics going wrong must not disturb serving
+        log.exception("batcher event hook %s failed", name)
+
+
+class SafeEvents(BatcherEvents):
+    """Forwards each hook to `inner`; a hook that raises is logged and otherwise ignored."""
+
+    def __init__(self, inner: BatcherEvents):
+        self._inner = inner
+
+    def batch_done(self, kind: Kind, size: int, padded_tokens: int, compute_s: float) -> None:
+        with _hook("batch_done"):
+            self._inner.batch_done(kind, size, padded_tokens, compute_s)
+
+    def batch_failed(self, kind: Kind, size: int, error: str) -> None:
+        with _hook("batch_failed"):
+            self._inner.batch_failed(kind, size, error)
+
+    def stalled(self, kind: Kind, size: int) -> None:
+        with _hook("stalled"):
+            self._inner.stalled(kind, size)
+
+    def items_dropped(self, kind: Kind, reason: str, n: int) -> None:
+        with _hook("items_dropped"):
+            self._inner.items_dropped(kind, reason, n)
+
+    def queue_depth(self, kind: Kind, n: int) -> None:
+        with _hook("queue_depth"):
+            self._inner.queue_depth(kind, n)
+
+    def rejected(self, kind: Kind, n: int) -> None:
+        with _hook("rejected"):
+            self._inner.rejected(kind, n)
+
+
 @dataclass(frozen=True)
 class ItemResult:
     value: Any
@@ -199,16 +240,6 @@ class Request:
     remaining: int
     items: list[WorkItem] = field(default_factory=list)
     closed: bool = False  # failed, expired or cancelled: its queued items are gone
-
-
-@dataclass(frozen=True)
-class WorkerStats:
-    queued: dict[str, int]
-    outstanding: int
-    batch_limits: dict[str, int]  # now in force: images per batch, padded tokens per text batch
-    batches: dict[str, int]
-    dropped: dict[str, int]  # by reason
-    rejected: int  # items refused at admission
 
 
 class CostModel:

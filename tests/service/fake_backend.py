@@ -4,6 +4,10 @@ Each result is `(kind, payload)`, so a test can tell which input produced it. Be
 is chosen per payload (poisoned, hanging, fatal) or per batch (out of memory above a
 size, a fixed sleep), and `pause()` holds every call at its start until `resume()`, so a
 test can fill the queue while the worker is busy and know exactly what is queued.
+
+With a `FakeClock` (given to the worker too), a call takes its time on that clock instead
+of sleeping: the worker measures exactly `delay_s + per_item_s x batch size`, so what it
+learns from timings, and the policy that follows, is the same on any machine.
 """
 
 from __future__ import annotations
@@ -15,6 +19,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import OutOfMemory
+
+
+class FakeClock:
+    """Simulated monotonic time: stands still until advanced (by a test or a FakeBackend)."""
+
+    def __init__(self, start: float = 100.0):
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
 
 
 class Poisoned(ValueError):
@@ -46,6 +66,7 @@ class FakeBackend:
         oom_above: int | None = None,
         hang_on: Iterable[Any] = (),
         fatal_on: Iterable[Any] = (),
+        clock: FakeClock | None = None,
     ):
         self.delay_s = delay_s
         self.per_item_s = per_item_s  # a call sleeps delay_s + per_item_s x batch size
@@ -53,6 +74,7 @@ class FakeBackend:
         self.oom_above = oom_above
         self.hang_on = set(hang_on)
         self.fatal_on = set(fatal_on)
+        self.clock = clock  # None: calls take their time in real sleeps
         self.calls: list[Call] = []
         self.warmed_up = False
         self.busy = threading.Event()  # set when a call starts
@@ -82,8 +104,11 @@ class FakeBackend:
         self._record(kind, payloads, "ok")
         if any(p in self.hang_on for p in payloads):
             self._unhang.wait(timeout=10)
-        if self.delay_s or self.per_item_s:
-            time.sleep(self.delay_s + self.per_item_s * len(payloads))
+        took = self.delay_s + self.per_item_s * len(payloads)
+        if self.clock is not None:
+            self.clock.advance(took)
+        elif took:
+            time.sleep(took)
         return [(kind, p) for p in payloads]
 
     # ---- test controls ----
@@ -96,6 +121,10 @@ class FakeBackend:
 
     def release_hang(self) -> None:
         self._unhang.set()
+
+    def now(self) -> float:
+        """The time calls take place on: the fake clock's, or the real monotonic one."""
+        return self.clock() if self.clock is not None else time.monotonic()
 
     def _record(self, kind: str, payloads: list[Any], outcome: str) -> None:
         with self._lock:

@@ -102,8 +102,13 @@ def test_a_warm_up_that_fails_is_not_half_loaded(checkpoint, monkeypatch):
 
 
 def test_an_exception_in_a_batch_fails_only_its_request(checkpoint):
-    with TestClient(_app(checkpoint, max_batch_size=8, max_wait_ms=50)) as c:
+    # One stream, and a batch of 4 held until full: the three requests' four images share
+    # one batch whatever the order and pace they arrive in (10 s is only a backstop).
+    with TestClient(_app(checkpoint, max_batch_size=4, max_wait_ms=10_000, streams=1)) as c:
+        sizes = []
+
         def run(real, kind, payloads):
+            sizes.append(len(payloads))
             if _poisoned(payloads):
                 raise RuntimeError("a kernel failed")
             return real(kind, payloads)
@@ -111,8 +116,10 @@ def test_an_exception_in_a_batch_fails_only_its_request(checkpoint):
         _patch_run(c, run)
         before = metric(c, "clip_batch_failures_total", error="RuntimeError")
         bodies = [_images((1, 2, 3), POISON), _images((200, 0, 0)), _images((0, 0, 200))]
-        with ThreadPoolExecutor(3) as pool:  # one batch, thanks to max_wait_ms
+        with ThreadPoolExecutor(3) as pool:
             bad, good1, good2 = pool.map(lambda b: c.post("/embed", json=b), bodies)
+        # One batch of all four failed, then halves, then the poisoned half's two singles.
+        assert sizes[0] == 4 and sorted(sizes) == [1, 1, 2, 2, 4]
         assert bad.status_code == 500
         assert bad.json() == {"error": {"type": "inference_failed",
                                         "message": "the model failed on this image"}}

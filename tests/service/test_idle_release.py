@@ -7,15 +7,15 @@ import asyncio
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_backend import FakeBackend
+from fake_backend import FakeBackend, FakeClock
 from test_batcher import run, serving, until
 
 from service.errors import BatchStalled
+from service.idle import IdleRelease
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,10 +39,10 @@ class ReleasingBackend(FakeBackend):
         finally:
             with self._counting:
                 self.running -= 1
-                self.last_end = time.monotonic()
+                self.last_end = self.now()
 
     def release_memory(self) -> None:
-        self.releases.append((time.monotonic(), threading.current_thread().name, self.running))
+        self.releases.append((self.now(), threading.current_thread().name, self.running))
         if self.fail:
             raise RuntimeError("fake: release failed")
 
@@ -66,19 +66,46 @@ def test_released_once_per_idle_spell_after_the_delay_on_stream_zero():
 
 
 def test_never_released_while_batches_keep_coming():
-    backend = ReleasingBackend(delay_s=0.03)
+    """On a simulated clock: 30 ms batches with gaps of 0.25 s between them, well past a
+    second in all, and no release, for no gap reaches the 0.3 s delay; then one gap
+    does, and the release follows."""
+    clock = FakeClock()
+    backend = ReleasingBackend(delay_s=0.03, clock=clock)
 
     async def scenario():
         async with serving(backend, release_after_idle_s=0.3) as worker:
-            await worker.submit("image", "first")
-            before = len(backend.releases)  # 0 unless start-up itself was slow
-            end = time.monotonic() + 1.0
-            while time.monotonic() < end:  # gaps of milliseconds, well under the delay
-                await worker.submit("image", "x")
-            assert len(backend.releases) == before
-            await until(lambda: len(backend.releases) == before + 1)
+            for i in range(6):
+                await worker.submit("image", i)
+                clock.advance(0.25)
+                await asyncio.sleep(0.01)  # time for the worker to look at its clock
+            assert backend.releases == []
+            await worker.submit("image", "last")
+            # The answer comes before the stream leaves the books; the idle spell starts then.
+            await until(lambda: not worker.dispatcher.streams.busy)
+            clock.advance(0.3)
+            await until(lambda: len(backend.releases) == 1)
+            at, _, running = backend.releases[0]
+            assert at - backend.last_end == pytest.approx(0.3)
+            assert running == 0
 
     run(scenario)
+
+
+def test_the_idle_rule_on_a_clock():
+    """`due_at`: stream 0 only, `after_s` after the last batch ended, once per spell, and
+    never while anything computes or waits."""
+    idle = IdleRelease("m", 0.3, hook=lambda: None, now=10.0)
+    assert idle.due_at(0, busy=False) == pytest.approx(10.3)
+    assert idle.due_at(1, busy=False) is None  # stream 0 alone gives memory back
+    assert idle.due_at(0, busy=True) is None
+    idle.batch_ended(10.25)  # a batch within the delay: the spell starts again
+    assert idle.due_at(0, busy=False) == pytest.approx(10.55)
+    idle.claim()
+    assert idle.due_at(0, busy=False) is None  # once per spell
+    idle.batch_ended(11.0)
+    assert idle.due_at(0, busy=False) == pytest.approx(11.3)
+    assert IdleRelease("m", None, hook=lambda: None, now=0).due_at(0, busy=False) is None
+    assert IdleRelease("m", 0.3, hook=None, now=0).due_at(0, busy=False) is None
 
 
 def test_not_released_while_an_abandoned_call_is_still_inside_the_backend():

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from fake_backend import FakeBackend
+from fake_backend import FakeBackend, FakeClock
 from test_backend import PREP, tiny_model
 from test_batcher import run, serving, until
 
 from clip_core.loader import LoadedModel
+from service.admission import Admission
 from service.backend import ClipBackend
-from service.batcher import BatcherConfig, Request
+from service.batcher import BatcherConfig, Request, WorkItem
+from service.dispatch import Batch, Dispatcher
 from service.errors import BatchStalled, WorkerUnavailable
+from service.scheduler import BatchQueue
 from service.worker import ModelWorker
 
 
@@ -91,6 +94,9 @@ def test_a_lone_request_runs_alone_on_stream_zero_and_the_next_on_stream_one():
             assert backend.placement_of("a") == (0, 2, True)
             # Warm-up ran on stream 0 alone, before any request.
             assert backend.placed[0] == (0, 2, True)
+            # The answer is posted before stream 0 leaves the books: wait until it has, or
+            # the next request would find stream 0 still busy and go to stream 1.
+            await until(lambda: not worker.dispatcher.streams.busy)
 
             long = asyncio.create_task(worker.submit("image", "long"))
             await until(lambda: backend.running == 1)
@@ -106,35 +112,47 @@ def test_a_lone_request_runs_alone_on_stream_zero_and_the_next_on_stream_one():
     run(scenario)
 
 
+def _request(name: str, n: int, *, seq0: int, now: float = 0.0) -> tuple[Request, list[WorkItem]]:
+    """A request of `n` images named name0..name{n-1}, due in 10 s, not yet admitted."""
+    req = Request(name, "image", None, [None] * n, n)  # no future: nobody awaits it here
+    items = [WorkItem(seq0 + i, req, i, "image", f"{name}{i}", 1, now + 10, now)
+             for i in range(n)]
+    return req, items
+
+
 def test_idle_streams_split_the_queue_evenly():
-    """Eight queued images and two idle streams: four each, not eight and none."""
+    """Sixteen queued images and two idle streams: eight each, not sixteen and none."""
+    queue = BatchQueue(BatcherConfig(streams=2, max_batch_size=32))
+    for k, name in enumerate(("a", "b")):
+        queue.add(_request(name, 8, seq0=8 * k)[1])
+    both_idle = queue.take("image", 0.0, limit=32, idle=2)
+    last_idle = queue.take("image", 0.0, limit=32, idle=1)  # stream 0 busy now
+    assert [it.payload for it in both_idle.batch] == [f"a{i}" for i in range(8)]
+    assert [it.payload for it in last_idle.batch] == [f"b{i}" for i in range(8)]
+    assert queue.empty and queue.outstanding == 16  # taken, not yet answered
 
-    async def scenario():
-        worker = ModelWorker(FakeBackend(), BatcherConfig(streams=2, max_batch_size=32))
-        worker._loop = asyncio.get_running_loop()
-        worker._running = worker._warm = True  # queue by hand, no threads
-        now = time.monotonic()
-        for name in ("a", "b"):
-            req = Request(name, "image", worker._loop.create_future(), [None] * 8, 8)
-            with worker._cond:
-                assert worker._admit(req, [f"{name}{i}" for i in range(8)], [1] * 8,
-                                     now + 10, now) is None
-        with worker._cond:
-            both_idle, _ = worker._take("image", now)
-            worker._current[0] = object()  # stream 0 busy now: stream 1 is the last idle
-            last_idle, _ = worker._take("image", now)
-        assert [it.payload for it in both_idle] == [f"a{i}" for i in range(8)]
-        assert len(last_idle) == 8  # the whole remaining queue
+    queue.add(_request("c", 8, seq0=16)[1])
+    assert len(queue.take("image", 0.0, limit=32, idle=2).batch) == 4
 
-        with worker._cond:
-            worker._current.clear()
-        req = Request("c", "image", worker._loop.create_future(), [None] * 8, 8)
-        with worker._cond:
-            worker._admit(req, [f"c{i}" for i in range(8)], [1] * 8, now + 10, now)
-            split, _ = worker._take("image", now)
-        assert len(split) == 4
 
-    run(scenario)
+def test_each_idle_stream_takes_its_share_through_the_dispatcher():
+    """Stream 0 takes half of what waits, alone no more; stream 1, busy beside it, the rest.
+    Stream 1 may not take work while stream 0 is idle."""
+    d = Dispatcher(BatcherConfig(streams=2, max_batch_size=32), name="fake",
+                   release_hook=None, clock=FakeClock(5.0))
+    d.started()
+    d.warmed()
+    req, items = _request("a", 8, seq0=0, now=5.0)
+    assert d.admit(req, items) == 8  # all queued
+    first = d.next_step(0, 0)
+    assert isinstance(first, Batch)
+    assert [it.payload for it in first.taken.batch] == [f"a{i}" for i in range(4)]
+    assert first.depth == 4 and first.alone is False  # the rest still waits
+    second = d.next_step(1, 0)
+    assert isinstance(second, Batch)
+    assert [it.payload for it in second.taken.batch] == [f"a{i}" for i in range(4, 8)]
+    assert second.alone is False  # stream 0 computes beside it
+    assert d.streams.idle() == 1 and d.streams.busy
 
 
 def test_a_stalled_stream_is_replaced_while_the_other_keeps_serving():
@@ -167,7 +185,7 @@ def test_one_dead_stream_fails_the_worker_and_stops_the_others():
 
     async def scenario():
         async with serving(backend, streams=2) as worker:
-            threads = list(worker._threads)
+            threads = [t.thread for t in worker._threads]
             with pytest.raises(WorkerUnavailable):
                 await asyncio.wait_for(worker.submit("image", "boom"), 2)
             await until(lambda: worker.failed)
@@ -186,30 +204,31 @@ def test_drain_stops_every_stream():
     async def scenario():
         worker = ModelWorker(backend, BatcherConfig(streams=3), name="fake")
         await worker.start()
-        assert len(worker._threads) == 3
+        threads = [t.thread for t in worker._threads]
+        assert len(threads) == 3
         results = await asyncio.gather(*(worker.submit("image", i) for i in range(12)))
         assert len(results) == 12
         assert await worker.drain(timeout=2)
-        assert not any(t.is_alive() for t in worker._threads)
+        assert not any(t.is_alive() for t in threads)
 
     run(scenario)
+
+
+def _timed(config: BatcherConfig) -> Admission:
+    """Admission that has seen image batches take 0.1 s an image (no fixed cost)."""
+    admission = Admission(config)
+    for _ in range(5):
+        admission.costs.observe("image", 4, 0.4)
+        admission.costs.observe("image", 8, 0.8)
+    return admission
 
 
 def test_predicted_wait_is_shared_over_streams():
-    async def scenario():
-        waits = {}
-        for streams in (1, 2):
-            worker = ModelWorker(FakeBackend(), BatcherConfig(streams=streams))
-            for _ in range(5):
-                worker._costs.observe("image", 4, 0.4)
-                worker._costs.observe("image", 8, 0.8)
-            worker._units["image"] = 16
-            with worker._cond:
-                waits[streams] = worker._predicted_wait("image")
-        assert waits[1] == pytest.approx(1.6)
-        assert waits[2] == pytest.approx(0.8)
-
-    run(scenario)
+    waits = {streams: _timed(BatcherConfig(streams=streams)).predicted_wait(
+                 "image", {"image": 16, "text": 0})
+             for streams in (1, 2)}
+    assert waits[1] == pytest.approx(1.6)
+    assert waits[2] == pytest.approx(0.8)
 
 
 def test_config_rejects_no_streams():
@@ -256,20 +275,10 @@ def test_place_sizes_the_calling_threads_pool_only():
 def test_admission_counts_the_batch_a_request_would_join():
     """Wait 0.4 s plus a full 10-image batch of 1 s: over a 1.2 s bound, so refused,
     though the wait alone is well within it."""
-
-    async def scenario():
-        worker = ModelWorker(FakeBackend(), BatcherConfig(max_batch_size=10,
-                                                          max_queue_wait_s=1.2))
-        for _ in range(5):
-            worker._costs.observe("image", 4, 0.4)
-            worker._costs.observe("image", 8, 0.8)
-        worker._units["image"] = worker._outstanding = 4
-        with worker._cond:
-            assert worker._predicted_wait("image") == pytest.approx(0.4)
-            refused = worker._overloaded("image", 1)
-        assert refused is not None and refused.retry_after == pytest.approx(1.0)
-        worker._units["image"] = worker._outstanding = 1
-        with worker._cond:
-            assert worker._overloaded("image", 1) is None  # 0.1 + 1.0 s
-
-    run(scenario)
+    admission = _timed(BatcherConfig(max_batch_size=10, max_queue_wait_s=1.2))
+    units = {"image": 4, "text": 0}
+    assert admission.predicted_wait("image", units) == pytest.approx(0.4)
+    refused = admission.refusal("image", 1, outstanding=4, units=units)
+    assert refused is not None and refused.retry_after == pytest.approx(1.0)
+    # 0.1 + 1.0 s: within the bound
+    assert admission.refusal("image", 1, outstanding=1, units={"image": 1, "text": 0}) is None
