@@ -1,49 +1,30 @@
 """Domain errors raised by clip_core.
 
-Each error class says whose fault it is (`Fault`) and names its kind (`error_type`, the
-`type` of an error body); subclasses inherit both unless they say otherwise. They carry
-no HTTP meaning: the service maps each `Fault` to a status code in one place.
+Each error class names its kind (`error_type`, the `type` of an error body) and whose
+fault it is (`fault`); subclasses inherit both unless they say otherwise. They carry no
+HTTP meaning: the service maps each fault to a status code in one place.
 Messages name what went wrong and what to do, and never echo a caller's whole input.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import ClassVar
 
 
-class Fault(enum.Enum):
-    """Whose fault an error is and what the caller can do about it; one status each."""
+class ClipCoreError(Exception):
+    """Base class of every error clip_core raises on purpose."""
 
-    MALFORMED = "malformed"  # the request, or an input in it, cannot be read as sent
-    UNAUTHENTICATED = "unauthenticated"  # no valid credentials
-    NOT_FOUND = "not_found"  # names something that does not exist (a model)
-    TOO_LARGE = "too_large"  # over a size or count limit; retrying will not help
-    UNSUPPORTED = "unsupported"  # a media type or image format that is not read
-    UNPROCESSABLE = "unprocessable"  # well-formed, but its content cannot be used
-    RATE_LIMITED = "rate_limited"  # this caller sends too fast; retry later
-    OVERLOADED = "overloaded"  # the server is too busy; retry later or elsewhere
-    UNAVAILABLE = "unavailable"  # not serving now (loading, draining, failed)
-    TIMEOUT = "timeout"  # the deadline passed before the work was done
-    OURS = "ours"  # a fault of the server, not the caller's
-
-
-class DomainError(Exception):
-    """Base class of every error raised on purpose, here and in the service."""
-
-    fault: ClassVar[Fault] = Fault.OURS
+    # One of the service's faults (service.errors.Fault), named by its value: clip_core
+    # imports nothing of the service. "ours": not the caller's doing.
+    fault: ClassVar[str] = "ours"
     # "internal_error" is answered with a generic message: the text may hold internals.
     error_type: ClassVar[str] = "internal_error"
-
-
-class ClipCoreError(DomainError):
-    """Base class of every error clip_core raises on purpose."""
 
 
 class InvalidInput(ClipCoreError):
     """The caller's input cannot be processed (bad image, over-long text...)."""
 
-    fault = Fault.UNPROCESSABLE
+    fault = "unprocessable"
     error_type = "invalid_input"
 
 
@@ -65,14 +46,14 @@ class TextTooLong(InvalidInput):
 class ImageDecodeError(InvalidInput):
     """Bytes that are not an image Pillow can decode."""
 
-    fault = Fault.MALFORMED
+    fault = "malformed"
     error_type = "invalid_image"
 
 
 class ModelNotFound(ClipCoreError):
     """A model name that is neither in the registry nor a path on disk."""
 
-    fault = Fault.NOT_FOUND
+    fault = "not_found"
     error_type = "model_not_found"
 
 

@@ -1,18 +1,40 @@
 """Domain errors raised by the serving core (batcher, workers, cache).
 
-Each class carries its `Fault` and `error_type` (see `clip_core.errors`), inherited by its
-subclasses; they carry no HTTP meaning: the API layer maps faults to status codes in one
-module. Messages are safe to show a caller: they never echo a payload or an internal
+Each class names its kind (`error_type`, the `type` of an error body) and its `Fault`;
+subclasses inherit both unless they say otherwise. They carry no HTTP meaning: the API
+layer maps faults to status codes in one module (clip_core's errors name the same faults
+by value). Messages are safe to show a caller: they never echo a payload or an internal
 traceback.
 """
 
 from __future__ import annotations
 
-from clip_core.errors import DomainError, Fault
+import enum
+from typing import ClassVar
 
 
-class ServiceError(DomainError):
+class Fault(str, enum.Enum):
+    """Whose fault an error is and what the caller can do about it; one status each."""
+
+    MALFORMED = "malformed"  # the request, or an input in it, cannot be read as sent
+    UNAUTHENTICATED = "unauthenticated"  # no valid credentials
+    NOT_FOUND = "not_found"  # names something that does not exist (a model)
+    TOO_LARGE = "too_large"  # over a size or count limit; retrying will not help
+    UNSUPPORTED = "unsupported"  # a media type or image format that is not read
+    UNPROCESSABLE = "unprocessable"  # well-formed, but its content cannot be used
+    RATE_LIMITED = "rate_limited"  # this caller sends too fast; retry later
+    OVERLOADED = "overloaded"  # the server is too busy; retry later or elsewhere
+    UNAVAILABLE = "unavailable"  # not serving now (loading, draining, failed)
+    TIMEOUT = "timeout"  # the deadline passed before the work was done
+    OURS = "ours"  # a fault of the server, not the caller's
+
+
+class ServiceError(Exception):
     """Base class of every error the serving core raises on purpose."""
+
+    fault: ClassVar[Fault] = Fault.OURS
+    # "internal_error" is answered with a generic message: the text may hold internals.
+    error_type: ClassVar[str] = "internal_error"
 
 
 class Overloaded(ServiceError):

@@ -17,13 +17,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
-from ..errors import DomainError, Fault, Overloaded, RateLimited, Unauthorized
+from clip_core.errors import ClipCoreError
+
+from ..errors import Fault, Overloaded, RateLimited, ServiceError, Unauthorized
 from .schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
-# Each domain error names its fault (clip_core.errors.Fault), inherited by its subclasses;
-# this is the one place a fault becomes a status.
+_DOMAIN = (ServiceError, ClipCoreError)
+_INTERNAL = ServiceError.error_type  # the type of an error no more precise than its base
+
+# Each domain error names its fault, inherited by its subclasses (a clip_core error names
+# it by value); this is the one place a fault becomes a status.
 STATUS: dict[Fault, int] = {
     Fault.MALFORMED: 400,
     Fault.UNAUTHENTICATED: 401,
@@ -45,9 +50,9 @@ def error_body(kind: str, message: str) -> dict:
 
 def status_for(exc: Exception) -> tuple[int, str]:
     """The status and error type of an answer to `exc`; anything unforeseen is ours."""
-    if isinstance(exc, DomainError):
-        return STATUS[exc.fault], exc.error_type
-    return STATUS[Fault.OURS], DomainError.error_type
+    if isinstance(exc, _DOMAIN):
+        return STATUS[Fault(exc.fault)], exc.error_type
+    return STATUS[Fault.OURS], _INTERNAL
 
 
 def to_response(exc: Exception) -> JSONResponse:
@@ -60,8 +65,8 @@ def to_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = ('Bearer realm="clip-server", error="invalid_token"'
                                        if exc.presented else 'Bearer realm="clip-server"')
-    # An error of no more precise type than its base may hold internals: name none.
-    message = "internal error" if kind == DomainError.error_type else str(exc)
+    # An unforeseen error, or one no more precise than its base, may hold internals.
+    message = "internal error" if kind == _INTERNAL else str(exc)
     return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
 
 
@@ -89,7 +94,8 @@ def install(app: FastAPI) -> None:
 
     # Domain errors go through the exception middleware; the catch-all Exception handler
     # runs in the outermost middleware, which answers and then re-raises for the server log.
-    app.add_exception_handler(DomainError, _domain)
+    app.add_exception_handler(ServiceError, _domain)
+    app.add_exception_handler(ClipCoreError, _domain)
     app.add_exception_handler(Exception, _domain)
 
     @app.exception_handler(RequestValidationError)
