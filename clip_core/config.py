@@ -16,6 +16,12 @@ from typing import Any, Literal
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Image formats accepted from callers: the default, and the most the service can enable.
+# Pillow can open many more; some are risky to feed untrusted bytes (EPS runs
+# Ghostscript), and none matter for CLIP. Here, not in preprocess.py, so that settings
+# can name them without importing torch.
+DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
 
 @dataclass(frozen=True)
 class VisionConfig:

@@ -1,22 +1,37 @@
 """Domain errors raised by clip_core.
 
-They carry no HTTP meaning; the service maps them to status codes in one place.
+Each error class names its kind (`error_type`, the `type` of an error body) and whose
+fault it is (`fault`); subclasses inherit both unless they say otherwise. They carry no
+HTTP meaning: the service maps each fault to a status code in one place.
 Messages name what went wrong and what to do, and never echo a caller's whole input.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ClipCoreError(Exception):
     """Base class of every error clip_core raises on purpose."""
+
+    # One of the service's faults (service.errors.Fault), named by its value: clip_core
+    # imports nothing of the service. "ours": not the caller's doing.
+    fault: ClassVar[str] = "ours"
+    # "internal_error" is answered with a generic message: the text may hold internals.
+    error_type: ClassVar[str] = "internal_error"
 
 
 class InvalidInput(ClipCoreError):
     """The caller's input cannot be processed (bad image, over-long text...)."""
 
+    fault = "unprocessable"
+    error_type = "invalid_input"
+
 
 class TextTooLong(InvalidInput):
     """A text needs more tokens than the context length and truncation is off."""
+
+    error_type = "text_too_long"
 
     def __init__(self, index: int, n_tokens: int, context_length: int):
         self.index = index
@@ -31,9 +46,15 @@ class TextTooLong(InvalidInput):
 class ImageDecodeError(InvalidInput):
     """Bytes that are not an image Pillow can decode."""
 
+    fault = "malformed"
+    error_type = "invalid_image"
+
 
 class ModelNotFound(ClipCoreError):
     """A model name that is neither in the registry nor a path on disk."""
+
+    fault = "not_found"
+    error_type = "model_not_found"
 
 
 class CheckpointError(ClipCoreError):

@@ -22,14 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import PreprocessConfig
+from .config import DECODE_FORMATS, PreprocessConfig
 from .errors import ImageDecodeError, InvalidInput
 
 ModePolicy = Literal["reference", "composite"]
-
-# Formats accepted from callers by default. Pillow can open many more; some of them are
-# risky to feed untrusted bytes (EPS runs Ghostscript), and none matter for CLIP.
-DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,

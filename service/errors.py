@@ -1,18 +1,47 @@
 """Domain errors raised by the serving core (batcher, workers, cache).
 
-They carry no HTTP meaning; the API layer maps them to status codes in one module.
-Messages are safe to show a caller: they never echo a payload or an internal traceback.
+Each class names its kind (`error_type`, the `type` of an error body) and its `Fault`;
+subclasses inherit both unless they say otherwise. They carry no HTTP meaning: the API
+layer maps faults to status codes in one module (clip_core's errors name the same faults
+by value). Messages are safe to show a caller: they never echo a payload or an internal
+traceback.
 """
 
 from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class Fault(str, enum.Enum):
+    """Whose fault an error is and what the caller can do about it; one status each."""
+
+    MALFORMED = "malformed"  # the request, or an input in it, cannot be read as sent
+    UNAUTHENTICATED = "unauthenticated"  # no valid credentials
+    NOT_FOUND = "not_found"  # names something that does not exist (a model)
+    TOO_LARGE = "too_large"  # over a size or count limit; retrying will not help
+    UNSUPPORTED = "unsupported"  # a media type or image format that is not read
+    UNPROCESSABLE = "unprocessable"  # well-formed, but its content cannot be used
+    RATE_LIMITED = "rate_limited"  # this caller sends too fast; retry later
+    OVERLOADED = "overloaded"  # the server is too busy; retry later or elsewhere
+    UNAVAILABLE = "unavailable"  # not serving now (loading, draining, failed)
+    TIMEOUT = "timeout"  # the deadline passed before the work was done
+    OURS = "ours"  # a fault of the server, not the caller's
 
 
 class ServiceError(Exception):
     """Base class of every error the serving core raises on purpose."""
 
+    fault: ClassVar[Fault] = Fault.OURS
+    # "internal_error" is answered with a generic message: the text may hold internals.
+    error_type: ClassVar[str] = "internal_error"
+
 
 class Overloaded(ServiceError):
     """The queue is full; the request was refused whole, before any of it ran."""
+
+    fault = Fault.OVERLOADED
+    error_type = "overloaded"
 
     def __init__(self, retry_after: float, message: str | None = None):
         self.retry_after = retry_after
@@ -21,6 +50,9 @@ class Overloaded(ServiceError):
 
 class RequestTooLarge(ServiceError):
     """A request with more items than the queue can ever hold; retrying will not help."""
+
+    fault = Fault.TOO_LARGE
+    error_type = "too_many_items"
 
     def __init__(self, n_items: int, limit: int):
         self.n_items = n_items
@@ -31,9 +63,15 @@ class RequestTooLarge(ServiceError):
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before all of its items were computed."""
 
+    fault = Fault.TIMEOUT
+    error_type = "deadline_exceeded"
+
 
 class WorkerUnavailable(ServiceError):
     """The model worker is not serving: not started, warming up, stopped or stalled."""
+
+    fault = Fault.UNAVAILABLE
+    error_type = "unavailable"
 
 
 class Draining(WorkerUnavailable):
@@ -43,6 +81,9 @@ class Draining(WorkerUnavailable):
 class BatchFailed(ServiceError):
     """An item failed inside the model. The cause is logged, not shown."""
 
+    fault = Fault.OURS
+    error_type = "inference_failed"
+
 
 class OutOfMemory(ServiceError):
     """Raised by a backend when a batch does not fit in device memory.
@@ -51,57 +92,99 @@ class OutOfMemory(ServiceError):
     when a single item does not fit.
     """
 
+    fault = Fault.OVERLOADED
+    error_type = "overloaded"
+
 
 class InvalidRequest(ServiceError):
     """The request is malformed beyond what schema validation catches (bad base64...)."""
+
+    fault = Fault.MALFORMED
+    error_type = "invalid_request"
 
 
 class UnsupportedMediaType(ServiceError):
     """A body in a content type the endpoint does not read."""
 
+    fault = Fault.UNSUPPORTED
+    error_type = "unsupported_media_type"
+
 
 class EmptyInput(InvalidRequest):
     """No items at all, or an empty text, label, template or image (0 bytes)."""
+
+    # Readable but empty: answered as the schema answers an empty list.
+    fault = Fault.UNPROCESSABLE
 
 
 class TooManyItems(ServiceError):
     """More items (or form parts) in one request than `max_items_per_request` allows."""
 
+    fault = Fault.TOO_LARGE
+    error_type = "too_many_items"
+
 
 class BodyTooLarge(ServiceError):
     """The request body is over `max_body_bytes`; refused while it was still arriving."""
+
+    fault = Fault.TOO_LARGE
+    error_type = "body_too_large"
 
 
 class InputTooLong(ServiceError):
     """A text over `max_text_chars`, refused before tokenising."""
 
+    fault = Fault.UNPROCESSABLE
+    error_type = "text_too_long"
+
 
 class InvalidText(ServiceError):
     """A text that is not valid Unicode (lone surrogates can arrive as JSON escapes)."""
+
+    fault = Fault.UNPROCESSABLE
+    error_type = "invalid_text"
 
 
 class ImageTooLarge(ServiceError):
     """An image over the pixel or frame cap, refused from its header before decoding."""
 
+    fault = Fault.TOO_LARGE
+    error_type = "image_too_large"
+
 
 class ImageFormatNotAllowed(ServiceError):
     """An image in a format outside the allow-list, refused before any decoder runs."""
+
+    fault = Fault.UNSUPPORTED
+    error_type = "unsupported_image_format"
 
 
 class UrlNotAllowed(ServiceError):
     """An image URL that is disabled, not http(s), or resolves to a refused address."""
 
+    fault = Fault.MALFORMED
+    error_type = "url_not_allowed"
+
 
 class FetchFailed(ServiceError):
     """An allowed image URL that could not be fetched: timeout, HTTP error, redirects."""
+
+    fault = Fault.UNPROCESSABLE
+    error_type = "fetch_failed"
 
 
 class FetchTooLarge(FetchFailed):
     """An image URL whose body is over `url_max_bytes`."""
 
+    fault = Fault.TOO_LARGE
+    error_type = "image_too_large"
+
 
 class Unauthorized(ServiceError):
     """No API key, or one that is not configured. `presented` says whether one was sent."""
+
+    fault = Fault.UNAUTHENTICATED
+    error_type = "unauthorized"
 
     def __init__(self, presented: bool):
         self.presented = presented
@@ -111,6 +194,9 @@ class Unauthorized(ServiceError):
 
 class RateLimited(ServiceError):
     """The key's request rate is over its limit."""
+
+    fault = Fault.RATE_LIMITED
+    error_type = "rate_limited"
 
     def __init__(self, retry_after: float):
         self.retry_after = retry_after

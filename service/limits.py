@@ -21,8 +21,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 @dataclass(frozen=True)
 class Limits:
-    max_items: int = 512
-    max_text_chars: int = 8192
+    # No defaults: the settings are their one source (`from_settings`).
+    max_items: int
+    max_text_chars: int
 
     @classmethod
     def from_settings(cls, s: Settings) -> Limits:

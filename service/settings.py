@@ -13,12 +13,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from clip_core.config import DECODE_FORMATS
 from clip_core.registry import DEFAULT_MODEL
 
 from .batcher import BatcherConfig
-
-# Decoders that may ever be enabled: common photo formats with well-worn Pillow plugins.
-ALLOWED_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
 class Settings(BaseSettings):
@@ -78,8 +76,10 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(8192, ge=1)  # per text, label or template, before tokenising
     max_image_pixels: int = Field(1 << 26, ge=1)  # width x height, read from the header
     max_image_frames: int = Field(256, ge=1)  # animated/multi-page: only frame 0 is used
+    # Decoders that may be enabled, all on by default: common photo formats with well-worn
+    # Pillow plugins, sniffed from their leading bytes (service.prepare).
     image_formats: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+        default_factory=lambda: list(DECODE_FORMATS))
     # Browsers and phones show photos turned by their EXIF orientation; classify what a
     # viewer sees. False reproduces openai/open_clip preprocessing, which ignores the tag.
     exif_orientation: bool = True
@@ -123,10 +123,10 @@ class Settings(BaseSettings):
     @classmethod
     def _formats(cls, value: list[str]) -> list[str]:
         value = [v.upper() for v in value if v]
-        unknown = set(value) - ALLOWED_IMAGE_FORMATS
+        unknown = set(value) - set(DECODE_FORMATS)
         if unknown or not value:
             raise ValueError(f"image_formats must be a non-empty subset of "
-                             f"{sorted(ALLOWED_IMAGE_FORMATS)}")
+                             f"{sorted(DECODE_FORMATS)}")
         return value
 
     @field_validator("url_allow_networks")

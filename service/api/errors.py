@@ -17,68 +17,31 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
-from clip_core.errors import (
-    ClipCoreError,
-    ImageDecodeError,
-    InvalidInput,
-    ModelNotFound,
-    TextTooLong,
-)
+from clip_core.errors import ClipCoreError
 
-from ..errors import (
-    BatchFailed,
-    BodyTooLarge,
-    DeadlineExceeded,
-    EmptyInput,
-    FetchFailed,
-    FetchTooLarge,
-    ImageFormatNotAllowed,
-    ImageTooLarge,
-    InputTooLong,
-    InvalidRequest,
-    InvalidText,
-    OutOfMemory,
-    Overloaded,
-    RateLimited,
-    RequestTooLarge,
-    ServiceError,
-    TooManyItems,
-    Unauthorized,
-    UnsupportedMediaType,
-    UrlNotAllowed,
-    WorkerUnavailable,
-)
+from ..errors import Fault, Overloaded, RateLimited, ServiceError, Unauthorized
 from .schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
-# (error class, status, type) - the first match wins, so subclasses come first.
-_TABLE: list[tuple[type[Exception], int, str]] = [
-    (ImageDecodeError, 400, "invalid_image"),
-    (TextTooLong, 422, "text_too_long"),
-    (InputTooLong, 422, "text_too_long"),
-    (InvalidText, 422, "invalid_text"),
-    (InvalidInput, 422, "invalid_input"),
-    (EmptyInput, 422, "invalid_request"),
-    (InvalidRequest, 400, "invalid_request"),
-    (UnsupportedMediaType, 415, "unsupported_media_type"),
-    (ImageFormatNotAllowed, 415, "unsupported_image_format"),
-    (RequestTooLarge, 413, "too_many_items"),
-    (TooManyItems, 413, "too_many_items"),
-    (BodyTooLarge, 413, "body_too_large"),
-    (ImageTooLarge, 413, "image_too_large"),
-    (FetchTooLarge, 413, "image_too_large"),
-    (UrlNotAllowed, 400, "url_not_allowed"),
-    (FetchFailed, 422, "fetch_failed"),
-    (Unauthorized, 401, "unauthorized"),
-    (RateLimited, 429, "rate_limited"),
-    (ModelNotFound, 404, "model_not_found"),
-    (Overloaded, 503, "overloaded"),
-    (WorkerUnavailable, 503, "unavailable"),
-    (OutOfMemory, 503, "overloaded"),
-    (DeadlineExceeded, 504, "deadline_exceeded"),
-    (BatchFailed, 500, "inference_failed"),
-]
+_DOMAIN = (ServiceError, ClipCoreError)
+_INTERNAL = ServiceError.error_type  # the type of an error no more precise than its base
+
+# Each domain error names its fault, inherited by its subclasses (a clip_core error names
+# it by value); this is the one place a fault becomes a status.
+STATUS: dict[Fault, int] = {
+    Fault.MALFORMED: 400,
+    Fault.UNAUTHENTICATED: 401,
+    Fault.NOT_FOUND: 404,
+    Fault.TOO_LARGE: 413,
+    Fault.UNSUPPORTED: 415,
+    Fault.UNPROCESSABLE: 422,
+    Fault.RATE_LIMITED: 429,
+    Fault.OURS: 500,
+    Fault.OVERLOADED: 503,
+    Fault.UNAVAILABLE: 503,
+    Fault.TIMEOUT: 504,
+}
 
 
 def error_body(kind: str, message: str) -> dict:
@@ -86,10 +49,10 @@ def error_body(kind: str, message: str) -> dict:
 
 
 def status_for(exc: Exception) -> tuple[int, str]:
-    for cls, status, kind in _TABLE:
-        if isinstance(exc, cls):
-            return status, kind
-    return 500, "internal_error"
+    """The status and error type of an answer to `exc`; anything unforeseen is ours."""
+    if isinstance(exc, _DOMAIN):
+        return STATUS[Fault(exc.fault)], exc.error_type
+    return STATUS[Fault.OURS], _INTERNAL
 
 
 def to_response(exc: Exception) -> JSONResponse:
@@ -97,12 +60,13 @@ def to_response(exc: Exception) -> JSONResponse:
     headers = {}
     if isinstance(exc, (Overloaded, RateLimited)):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    elif status == 503:
+    elif status == 503:  # unavailable, or out of memory: a moment may be enough
         headers["Retry-After"] = "1"
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = ('Bearer realm="clip-server", error="invalid_token"'
                                        if exc.presented else 'Bearer realm="clip-server"')
-    message = str(exc) if status != 500 or kind != "internal_error" else "internal error"
+    # An unforeseen error, or one no more precise than its base, may hold internals.
+    message = "internal error" if kind == _INTERNAL else str(exc)
     return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
 
 
@@ -124,8 +88,7 @@ def install(app: FastAPI) -> None:
     """Registers the handlers: domain errors, validation errors, HTTP errors, the rest."""
 
     async def _domain(request: Request, exc: Exception) -> JSONResponse:
-        status, _ = status_for(exc)
-        if status == 500:  # ours to fix; 503/504 are load and deadlines, not faults
+        if status_for(exc)[0] == 500:  # ours to fix; 503/504 are load and deadlines
             log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
         return answer(request.scope, exc)
 

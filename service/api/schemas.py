@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,6 +16,15 @@ RED_PIXEL_PNG = (
 Encoding = Literal["float", "base64"]
 
 
+class _ImageMarker:
+    """Marks a field of images: base64, a data URI or a URL in JSON; in a multipart form
+    also file parts (see `FormSpec.of`)."""
+
+
+# A list of image sources.
+Images = Annotated[list[str], _ImageMarker()]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -22,7 +32,7 @@ class _Strict(BaseModel):
 class EmbedRequest(_Strict):
     model: str | None = Field(None, description="a loaded model; default: the first")
     texts: list[str] = Field(default_factory=list)
-    images: list[str] = Field(default_factory=list, description="base64, raw or data URI")
+    images: Images = Field(default_factory=list, description="base64, raw or data URI")
     normalize: bool = Field(True, description="unit-length embeddings")
     encoding: Encoding = Field("float", description="base64: little-endian float32 bytes")
     truncate: bool = Field(True, description="false: over-long texts are refused (422)")
@@ -61,7 +71,7 @@ class EmbedResponse(BaseModel):
 
 class ClassifyRequest(_Strict):
     model: str | None = None
-    images: list[str] = Field(min_length=1, description="base64, raw or data URI")
+    images: Images = Field(min_length=1, description="base64, raw or data URI")
     labels: list[str] = Field(min_length=1, max_length=1000)
     templates: list[str] | None = Field(
         None, description="prompts with one '{}' for the label; default: a short ensemble"
@@ -93,7 +103,7 @@ class ClassifyResponse(BaseModel):
 
 class Inputs(_Strict):
     texts: list[str] = Field(default_factory=list)
-    images: list[str] = Field(default_factory=list)
+    images: Images = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_modality(self) -> Inputs:
@@ -193,6 +203,10 @@ class ErrorBody(BaseModel):
 
 # ---- multipart/form-data: the same request models, field by field ----
 
+# OpenAPI type of one form value, by the field's Python type.
+_OPENAPI_TYPES: dict[type, str] = {str: "string", bool: "boolean", int: "integer",
+                                   float: "number"}
+
 
 @dataclass(frozen=True)
 class FormField:
@@ -206,6 +220,31 @@ class FormField:
 @dataclass(frozen=True)
 class FormSpec:
     fields: dict[str, FormField]
+
+    @classmethod
+    def of(cls, model: type[BaseModel], nested: dict[str, str] | None = None) -> FormSpec:
+        """The form fields of a request model: one per JSON field, named as in JSON; a
+        field holding a model (`{"queries": {"texts": ...}}`) gives one form field per
+        field of its own, named with the prefix `nested` gives it (`query_texts`)."""
+        nested = nested or {}
+        fields: dict[str, FormField] = {}
+        for name, info in model.model_fields.items():
+            many, one = _unwrap(info.annotation, f"{model.__name__}.{name}")
+            if isinstance(one, type) and issubclass(one, BaseModel):
+                if many or name not in nested:
+                    raise TypeError(f"{model.__name__}.{name}: a nested model needs a form "
+                                    f"prefix, and cannot be a list")
+                for sub, f in cls.of(one).fields.items():
+                    fields[f"{nested[name]}_{sub}"] = FormField(
+                        f"{name}.{f.path}", f.many, f.image, f.type,
+                        required=info.is_required() and f.required)
+                continue
+            fields[name] = FormField(
+                name, many=many,
+                image=any(isinstance(m, _ImageMarker) for m in info.metadata),
+                type=_openapi_type(one, f"{model.__name__}.{name}"),
+                required=info.is_required())
+        return cls(fields)
 
     @property
     def image_paths(self) -> list[str]:
@@ -223,29 +262,29 @@ class FormSpec:
         return {"requestBody": {"content": {"multipart/form-data": {"schema": schema}}}}
 
 
-_MODEL = FormField("model")
+def _unwrap(annotation: object, where: str) -> tuple[bool, object]:
+    """(repeatable, the type of one value) of a field's annotation; None is dropped from
+    an optional field (a form leaves such a field out)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        if len(kinds) != 1:
+            raise TypeError(f"{where}: a form field takes one type, not {annotation}")
+        annotation = kinds[0]
+    if get_origin(annotation) is list:
+        return True, get_args(annotation)[0]
+    return False, annotation
 
-EMBED_FORM = FormSpec({
-    "images": FormField("images", many=True, image=True),
-    "texts": FormField("texts", many=True),
-    "normalize": FormField("normalize", type="boolean"),
-    "encoding": FormField("encoding"),
-    "truncate": FormField("truncate", type="boolean"),
-    "model": _MODEL,
-})
 
-CLASSIFY_FORM = FormSpec({
-    "images": FormField("images", many=True, image=True, required=True),
-    "labels": FormField("labels", many=True, required=True),
-    "templates": FormField("templates", many=True),
-    "top_k": FormField("top_k", type="integer"),
-    "model": _MODEL,
-})
+def _openapi_type(one: object, where: str) -> str:
+    if get_origin(one) is Literal:
+        kinds = {type(v) for v in get_args(one)}
+        one = kinds.pop() if len(kinds) == 1 else None
+    if one not in _OPENAPI_TYPES:
+        raise TypeError(f"{where}: no form type for {one}")
+    return _OPENAPI_TYPES[one]  # type: ignore[index]
 
-SIMILARITY_FORM = FormSpec({
-    "query_images": FormField("queries.images", many=True, image=True),
-    "query_texts": FormField("queries.texts", many=True),
-    "candidate_images": FormField("candidates.images", many=True, image=True),
-    "candidate_texts": FormField("candidates.texts", many=True),
-    "model": _MODEL,
-})
+
+EMBED_FORM = FormSpec.of(EmbedRequest)
+CLASSIFY_FORM = FormSpec.of(ClassifyRequest)
+SIMILARITY_FORM = FormSpec.of(SimilarityRequest,
+                              nested={"queries": "query", "candidates": "candidate"})

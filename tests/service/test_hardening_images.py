@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from refusals import PREP, b64, metric, png, refused, served, serving, tiny_checkpoint
 
+from clip_core.config import DECODE_FORMATS
 from service.errors import ImageFormatNotAllowed, ImageTooLarge
 from service.prepare import ImagePreparer, sniff
 
@@ -232,6 +233,13 @@ def test_sniffing_names_formats_from_their_leading_bytes():
     assert sniff(FOREIGN["PDF"]) == "PDF"
     assert sniff(b"\0\0\0\x18ftypheic") == "HEIF/AVIF"
     assert sniff(b"hello") is None
+
+
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+def test_every_format_that_may_be_enabled_is_sniffed(fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 3), (10, 20, 30)).save(buf, fmt)
+    assert sniff(buf.getvalue()) == fmt
 
 
 def test_prepare_names_the_image_that_failed():

@@ -8,9 +8,20 @@ import numpy as np
 import pytest
 from conftest import random_clip
 from fastapi.testclient import TestClient
+from pydantic import BaseModel, Field
 from test_api import PREP, TINY, _b64, _png
 
 from clip_core.checkpoint import save_checkpoint
+from service.api.schemas import (
+    CLASSIFY_FORM,
+    EMBED_FORM,
+    SIMILARITY_FORM,
+    ClassifyRequest,
+    EmbedRequest,
+    FormField,
+    FormSpec,
+    SimilarityRequest,
+)
 from service.app import create_app
 from service.settings import Settings
 
@@ -178,3 +189,83 @@ def test_openapi_documents_both_content_types(client):
         assert form.get("required") == required
         images = "query_images" if path == "/similarity" else "images"
         assert form["properties"][images]["items"]["format"] == "binary"
+
+
+# Bodies that between them set every field of each endpoint's request model (similarity
+# takes one modality a side, so it needs two).
+_FULL_BODIES = {
+    "/embed": (EmbedRequest, EMBED_FORM, [
+        {"model": "tiny", "texts": ["a cat", "a dog"], "images": [_b64(RED), _b64(BLUE)],
+         "normalize": False, "encoding": "base64", "truncate": False},
+    ]),
+    "/classify": (ClassifyRequest, CLASSIFY_FORM, [
+        {"model": "tiny", "images": [_b64(RED), _b64(BLUE)], "labels": ["red", "blue", "dog"],
+         "templates": ["a {} thing", "a photo of a {}"], "top_k": 2},
+    ]),
+    "/similarity": (SimilarityRequest, SIMILARITY_FORM, [
+        {"model": "tiny", "queries": {"images": [_b64(RED)]},
+         "candidates": {"texts": ["red", "blue"]}},
+        {"queries": {"texts": ["red", "blue"]}, "candidates": {"images": [_b64(BLUE), _b64(RED)]}},
+    ]),
+}
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted paths of a request model's fields, nested models' fields included."""
+    out = set()
+    for name, info in model.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            out |= _leaves(sub, f"{prefix}{name}.")
+        else:
+            out.add(prefix + name)
+    return out
+
+
+def _at(body: dict, path: str):
+    for key in path.split("."):
+        if key not in body:
+            return None
+        body = body[key]
+    return body
+
+
+def _as_form(form: FormSpec, body: dict) -> tuple[list, dict]:
+    """The JSON body as multipart: images as file parts, everything else as text fields."""
+    files, data = [], {}
+    for name, field in form.fields.items():
+        value = _at(body, field.path)
+        if value is None:
+            continue
+        if field.image:
+            files += _files(name, [base64.b64decode(v) for v in value])
+        elif isinstance(value, bool):
+            data[name] = str(value).lower()
+        else:
+            data[name] = [str(v) for v in value] if field.many else str(value)
+    return files, data
+
+
+@pytest.mark.parametrize("path", sorted(_FULL_BODIES))
+def test_every_json_field_is_a_form_field(client, path):
+    model, form, bodies = _FULL_BODIES[path]
+    # The bodies set every field the model has; a new field must be added to them.
+    assert {p for b in bodies for p in _leaves(model) if _at(b, p) is not None} == _leaves(model)
+    assert {f.path for f in form.fields.values()} == _leaves(model)
+    for body in bodies:
+        files, data = _as_form(form, body)
+        _same(_ok(_post_form(client, path, files, data)), _ok(client.post(path, json=body)))
+
+
+def test_a_new_model_field_is_a_form_field():
+    class Extended(EmbedRequest):
+        dimensions: int | None = None
+        tags: list[str] = Field(default_factory=list)
+
+    form = FormSpec.of(Extended)
+    assert form.fields["dimensions"] == FormField("dimensions", type="integer")
+    assert form.fields["tags"] == FormField("tags", many=True)
+    assert form.fields["images"] == FormField("images", many=True, image=True)
+    assert form.fields.keys() - EMBED_FORM.fields.keys() == {"dimensions", "tags"}
+    with pytest.raises(TypeError, match="prefix"):
+        FormSpec.of(SimilarityRequest)  # query_texts or queries_texts: the spec must say
