@@ -24,7 +24,8 @@
 # server.log. Exit status 0 when every step passed or was skipped, else 1.
 #
 # PY picks the interpreter (python3). GPU_SERVER_ENV adds server settings to the service
-# step, e.g. GPU_SERVER_ENV="CLIP_MAX_WAIT_MS=2 CLIP_STREAMS=2".
+# step, e.g. GPU_SERVER_ENV="CLIP_MAX_WAIT_MS=2 CLIP_STREAMS=2". GPU_CHECK_STEPS runs only
+# the steps it names, and the wheels (a rerun): GPU_CHECK_STEPS=env,service.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +55,10 @@ echo "gpu_check: $(date -u +%FT%TZ), dry run $DRY, budget ${BUDGET_S}s, $(nproc)
 step() {
     local name=$1 cap=$2
     shift 2
+    if [[ $name != wheels && -n ${GPU_CHECK_STEPS:-} && ,$GPU_CHECK_STEPS, != *,$name,* ]]; then
+        skip "$name" "not in GPU_CHECK_STEPS"
+        return
+    fi
     local left=$((BUDGET_S - (SECONDS - T0) - 5))
     local limit=$((cap < left ? cap : left))
     if ((limit < 5)); then
@@ -61,16 +66,19 @@ step() {
         return
     fi
     echo "=== $name (limit ${limit}s, at $((SECONDS - T0))s): $*"
-    local start=$SECONDS rc status
-    timeout -k 5 "$limit" "$@"
+    local start=$SECONDS rc status note=""
+    timeout -k 5 "$limit" "$@" 2>&1 | tee "$WORK/step.out"
     rc=$?
     case $rc in
         0) status=ok ;;
         124 | 137) status=TIMEOUT ;;
         *) status=FAIL ;;
     esac
+    if [[ $status != ok ]]; then # its last words, for the summary
+        note=$(grep -v '^\s*$' "$WORK/step.out" | tail -1 | tr '\t|' '  ' | cut -c1-200)
+    fi
     echo "=== $name: $status (exit $rc, $((SECONDS - start))s)"
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - start))" "" >>"$WORK/steps.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - start))" "$note" >>"$WORK/steps.tsv"
 }
 
 skip() {
