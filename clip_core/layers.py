@@ -70,20 +70,14 @@ class Packing:
     length: int
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, length: int) -> Packing:
-        """From (B,) lengths on their device. On CUDA `nonzero` waits for the device (its
-        output size is data-dependent): prefer `from_host_lengths` when the host knows them."""
-        mask = torch.arange(length, device=lengths.device) < lengths[:, None]  # (B, L)
-        return cls(mask.flatten().nonzero().squeeze(1), len(lengths), length)
-
-    @classmethod
-    def from_host_lengths(cls, lengths: Sequence[int], length: int,
-                          device: torch.device) -> Packing:
-        """From lengths the host knows: the index is built on the CPU and copied to `device`
-        from pinned memory without waiting, so the host never reads the device."""
-        mask = torch.arange(length) < torch.tensor(lengths)[:, None]  # (B, L), CPU
+    def from_lengths(cls, lengths: Sequence[int] | torch.Tensor, length: int,
+                     device: torch.device | str = "cpu") -> Packing:
+        """From each sequence's length, known on the host. The index is built on the CPU
+        (`nonzero` on a GPU would wait for it: its output size depends on the data) and
+        copied to `device` from pinned memory without blocking."""
+        mask = torch.arange(length) < torch.as_tensor(lengths, device="cpu")[:, None]  # (B, L)
         index = mask.flatten().nonzero().squeeze(1)  # (T,)
-        return cls(to_device(index, device), len(lengths), length)
+        return cls(to_device(index, torch.device(device)), len(lengths), length)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) -> (T, ...)"""

@@ -81,35 +81,24 @@ class CLIP(nn.Module):
         run on the packed real tokens. Results equal the 77-padded computation.
 
         Trimming and packing need the lengths on the host. `lengths` (each text's tokens,
-        sot and eot included: its eot position + 1) saves reading them: then the host never
-        waits for the device. Tokens given on the CPU have theirs read there, before the
-        copy. Only tokens already on the device without `lengths` cost device reads (three
-        host syncs on CUDA).
+        sot and eot included: its eot position + 1) saves reading them, and then the host
+        never waits for the device. Tokens given on the CPU have theirs read there, before
+        the copy; only tokens already on a GPU without `lengths` cost a read (one host sync).
         """
         b = tokens.shape[0]
         if b == 0:
             return torch.empty(0, self.embed_dim, device=self.device)
-        if lengths is None and tokens.device.type == "cpu":
+        if lengths is None:
             # End-of-text has the largest id in CLIP's vocabulary, as the reference relies on.
             lengths = (tokens.argmax(dim=-1) + 1).tolist()
-        if lengths is None:
-            tokens = tokens.to(self.device)
-            eot = tokens.argmax(dim=-1)  # (B,)
-            length = int(eot.max()) + 1
-            lengths_dev = eot + 1
-            packing = None
-            if int(lengths_dev.sum()) < _PACK_BELOW * b * length:
-                packing = Packing.from_lengths(lengths_dev, length)
-        else:
-            if len(lengths) != b:
-                raise ValueError(f"{len(lengths)} lengths for {b} texts")
-            length = max(lengths)
-            tokens = to_device(tokens[:, :length], self.device)
-            eot = tokens.argmax(dim=-1)  # (B,), on the device: no read
-            packing = None
-            if sum(lengths) < _PACK_BELOW * b * length:
-                packing = Packing.from_host_lengths(lengths, length, self.device)
-        tokens = tokens[:, :length]
+        if len(lengths) != b:
+            raise ValueError(f"{len(lengths)} lengths for {b} texts")
+        length = max(lengths)
+        tokens = to_device(tokens[:, :length], self.device)  # (B, L)
+        eot = tokens.argmax(dim=-1)  # (B,), computed on the device and never read back
+        packing = None
+        if sum(lengths) < _PACK_BELOW * b * length:
+            packing = Packing.from_lengths(lengths, length, self.device)
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, D)
         x = x.to(self.dtype)
         if packing is not None:
