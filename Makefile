@@ -13,7 +13,7 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install serve test lint bench bench-service clean
+.PHONY: install serve test lint bench bench-service gpu-wheels clean
 
 install: $(STAMP)
 
@@ -47,6 +47,24 @@ bench: install
 # report.json and plots in out/bench. docs/benchmarks.md explains it.
 bench-service: install
 	$(PY) loadtests/bench.py --model ViT-B-32 --dtype fp32 --repeats 3 --bf16 --out out/bench
+
+# The packages the service needs that a lent GPU machine's Python (CPython 3.12, torch
+# 2.11, no internet) lacks, as wheels for it in .whl/; loadtests/gpu_check.sh installs
+# them there with `pip install --no-index --target`. Pinned to what this machine's venv
+# runs, so the GPU run serves with the versions the tests here passed with.
+# typing-extensions is newer than the image's and pydantic needs it (>= 4.16).
+GPU_WHEELS ?= fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+	pydantic-settings==2.16.3 python-dotenv==1.2.4 uvicorn==0.55.0 httptools==0.9.0 \
+	python-multipart==0.0.34 ftfy==6.3.1 wcwidth==0.9.4 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

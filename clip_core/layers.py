@@ -7,6 +7,7 @@ Tensors are batch-first throughout: (B, L, D).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,18 @@ def activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}")
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`. To CUDA through pinned memory with `non_blocking`: a copy
+    from pageable memory makes the host wait for the stream (cudaMemcpy + synchronize). The
+    caching host allocator keeps the pinned block until the copy has run."""
+    if x.device == device:
+        return x
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    pinned = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return pinned.copy_(x).to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class Packing:
     """Where the real tokens of a padded (B, L) batch sit.
@@ -57,9 +70,14 @@ class Packing:
     length: int
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, length: int) -> Packing:
-        mask = torch.arange(length, device=lengths.device) < lengths[:, None]  # (B, L)
-        return cls(mask.flatten().nonzero().squeeze(1), len(lengths), length)
+    def from_lengths(cls, lengths: Sequence[int] | torch.Tensor, length: int,
+                     device: torch.device | str = "cpu") -> Packing:
+        """From each sequence's length, known on the host. The index is built on the CPU
+        (`nonzero` on a GPU would wait for it: its output size depends on the data) and
+        copied to `device` from pinned memory without blocking."""
+        mask = torch.arange(length) < torch.as_tensor(lengths, device="cpu")[:, None]  # (B, L)
+        index = mask.flatten().nonzero().squeeze(1)  # (T,)
+        return cls(to_device(index, torch.device(device)), len(lengths), length)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) -> (T, ...)"""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig, TextConfig, VisionConfig
-from .layers import LayerNorm, Packing, Transformer
+from .layers import LayerNorm, Packing, Transformer, to_device
 from .resnet import ModifiedResNet
 from .vit import VisionTransformer
 
@@ -68,28 +69,39 @@ class CLIP(nn.Module):
         x = self.visual(images.to(device=self.device, dtype=self.dtype)).float()
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def encode_text(
+        self, tokens: torch.Tensor, normalize: bool = False,
+        lengths: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """(B, L) token ids, L <= context length -> (B, E) fp32 embeddings.
 
         Attention is causal, so the positions after a text's end-of-text token never reach
         its embedding. The tower therefore runs on each text's real tokens only: the batch
         is trimmed to its longest text and, when the lengths differ enough, the dense layers
         run on the packed real tokens. Results equal the 77-padded computation.
+
+        Trimming and packing need the lengths on the host. `lengths` (each text's tokens,
+        sot and eot included: its eot position + 1) saves reading them, and then the host
+        never waits for the device. Tokens given on the CPU have theirs read there, before
+        the copy; only tokens already on a GPU without `lengths` cost a read (one host sync).
         """
-        tokens = tokens.to(self.device)
         b = tokens.shape[0]
         if b == 0:
             return torch.empty(0, self.embed_dim, device=self.device)
-        # End-of-text has the largest id in CLIP's vocabulary, as the reference relies on.
-        eot = tokens.argmax(dim=-1)  # (B,)
-        length = int(eot.max()) + 1
-        tokens = tokens[:, :length]
+        if lengths is None:
+            # End-of-text has the largest id in CLIP's vocabulary, as the reference relies on.
+            lengths = (tokens.argmax(dim=-1) + 1).tolist()
+        if len(lengths) != b:
+            raise ValueError(f"{len(lengths)} lengths for {b} texts")
+        length = max(lengths)
+        tokens = to_device(tokens[:, :length], self.device)  # (B, L)
+        eot = tokens.argmax(dim=-1)  # (B,), computed on the device and never read back
+        packing = None
+        if sum(lengths) < _PACK_BELOW * b * length:
+            packing = Packing.from_lengths(lengths, length, self.device)
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, D)
         x = x.to(self.dtype)
-        lengths = eot + 1
-        packing = None
-        if int(lengths.sum()) < _PACK_BELOW * b * length:
-            packing = Packing.from_lengths(lengths, length)
+        if packing is not None:
             x = packing.pack(x)  # (T, D)
         x = self.transformer(x, causal=True, packing=packing, pool=eot)  # EOT tokens: (B, D)
         # LayerNorm is per token, so normalising only the pooled tokens is exact.

@@ -47,11 +47,18 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _pythonpath() -> str:
+    """The repository root, then this process's PYTHONPATH."""
+    return os.pathsep.join([str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(
+        os.pathsep))])
+
+
 class ServerProcess:
     """`python -m service ARGS --host 127.0.0.1 --port PORT`, started at construction.
 
-    `env` adds to (or overrides) this process's environment; the repository root is put on
-    PYTHONPATH so the working tree's service runs, installed or not.
+    `env` adds to (or overrides) this process's environment; the repository root is put
+    first on PYTHONPATH so the working tree's service runs, installed or not, and what
+    PYTHONPATH held stays after it (packages installed with `pip --target`).
     """
 
     def __init__(
@@ -68,7 +75,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [python or sys.executable, "-m", "service", *args, "--host", "127.0.0.1",
              "--port", str(self.port)],
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            env={**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})},
             cwd=ROOT, stdout=stdout, stderr=stderr,
         )
 
