@@ -177,7 +177,8 @@ class ClipBackend:
         longest = max(len(r) for r in rows)
         # (B, L) int64, zero padded to the batch's longest; the tower trims and packs itself.
         ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows], dtype=torch.int64)
-        return self.model.encode_text(ids.to(self.device, non_blocking=self._cuda))
+        # Host-side lengths: the tower trims, packs and pools without reading the device.
+        return self.model.encode_text(ids, lengths=[len(r) for r in rows])
 
     def _guarded(self, kind: Kind, n: int, compute: Callable[[], torch.Tensor]) -> list[np.ndarray]:
         reason: str | None = None
