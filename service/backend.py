@@ -26,7 +26,8 @@ import torch
 from clip_core.loader import LoadedModel
 
 from .batcher import BatcherConfig, Kind
-from .errors import OutOfMemory
+from .device_errors import is_sticky_device_error
+from .errors import DeviceFailed, OutOfMemory
 from .tuning import release_heap, thread_share, usable_cores
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,10 @@ class ClipBackend:
                 out = compute().float().cpu().numpy()  # (B, E); .cpu() waits for the device
             return [row.copy() for row in out]  # own buffers: a cached row frees alone
         except (RuntimeError, MemoryError) as err:  # CUDA's OutOfMemoryError is a RuntimeError
+            if is_sticky_device_error(err):
+                # The context is poisoned: no later call on this device can succeed.
+                raise DeviceFailed(f"{self.device} failed while computing a {kind} batch; "
+                                   "the model stops serving") from err
             if not _is_oom(err):
                 raise
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -104,6 +104,18 @@ class Dispatcher:
             self._stopping = True
             self._cond.notify_all()
 
+    def fail(self) -> None:
+        """The worker cannot serve again (its device failed): refuse work from now on."""
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    def load(self, kind: Kind) -> tuple[int, int]:
+        """How loaded this worker is for a `kind` request: the units of `kind` admitted
+        and not yet answered (items, or text tokens), then every such item."""
+        with self._cond:
+            return self.queue.units[kind], self.queue.outstanding
+
     def stop(self) -> dict[Kind, list[WorkItem]]:
         """No thread serves any more: drop what is queued; what was dropped, by kind."""
         with self._cond:

@@ -29,6 +29,30 @@ class Fault(str, enum.Enum):
     OURS = "ours"  # a fault of the server, not the caller's
 
 
+# Faults that lie with the request: an error of one of these, raised by a backend for a
+# single item, is that item's answer as it stands (service.isolation).
+CALLERS_FAULTS = frozenset({Fault.MALFORMED, Fault.UNAUTHENTICATED, Fault.NOT_FOUND,
+                            Fault.TOO_LARGE, Fault.UNSUPPORTED, Fault.UNPROCESSABLE,
+                            Fault.RATE_LIMITED})
+
+
+def is_callers_fault(err: BaseException) -> bool:
+    """Whether `err` is a domain error, ours or clip_core's, that blames the request.
+
+    clip_core's errors name their fault by value, as a class attribute; they are read as
+    such because the batching core imports nothing of clip_core.
+    """
+    if isinstance(err, ServiceError):
+        return err.fault in CALLERS_FAULTS
+    fault, kind = getattr(type(err), "fault", None), getattr(type(err), "error_type", None)
+    if not (isinstance(fault, str) and isinstance(kind, str)):
+        return False
+    try:
+        return Fault(fault) in CALLERS_FAULTS
+    except ValueError:
+        return False
+
+
 class ServiceError(Exception):
     """Base class of every error the serving core raises on purpose."""
 
@@ -83,6 +107,22 @@ class BatchFailed(ServiceError):
 
     fault = Fault.OURS
     error_type = "inference_failed"
+
+
+class DeviceFailed(BatchFailed):
+    """Raised by a backend when the device's context is broken for good: a device-side
+    assert, an illegal memory access, an uncorrectable ECC error. Every later call on that
+    device would fail too, so the worker fails the batch, stops serving and reports
+    itself failed (/healthz answers 503 and the orchestrator restarts the process).
+
+    Ours, and answered 500 rather than 503: the batch's own inputs may have triggered
+    the fault (an out-of-range index asserts on the device), and a 503 invites callers
+    and proxies to retry, which would carry the same input on to the next replica. The
+    requests that arrive afterwards are refused 503 (`WorkerUnavailable`): those are
+    safe to retry elsewhere.
+    """
+
+    error_type = "device_failed"
 
 
 class OutOfMemory(ServiceError):

@@ -1,9 +1,13 @@
 """Running a batch so that only the culprits fail: the bisection of a failing batch.
 
 A batch that raises is split in halves down to single items, so one bad input fails one
-request. `OutOfMemory` shrinks the batch limit instead and re-chunks the batch under it;
-a single item out of memory fails alone. The function runs on a serving thread and
-reaches the backend, the books and the callers only through `BatchCalls`.
+request. A single item that fails with an error blaming the request (an image the
+device cannot decode: `service.errors.is_callers_fault`) gets that error as it is, and
+every other with `BatchFailed`. `OutOfMemory` shrinks the batch limit instead and
+re-chunks the batch under it; a single item out of memory fails alone. `DeviceFailed`
+is not bisected: the device is broken for every item, so the batch fails whole and the
+serving thread stops. The function runs on a serving thread and reaches the backend,
+the books and the callers only through `BatchCalls`.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .batcher import ItemResult, Kind, WorkItem
-from .errors import BatchFailed, OutOfMemory, ServiceError
+from .errors import BatchFailed, DeviceFailed, OutOfMemory, is_callers_fault
 
-Outcome = tuple[WorkItem, ItemResult | ServiceError]
+# An item's answer: its result, or a domain error (ours, or clip_core's blaming the input).
+Outcome = tuple[WorkItem, ItemResult | Exception]
 
 
 class BatchCalls(Protocol):
@@ -43,6 +48,10 @@ class BatchCalls(Protocol):
         """A backend call on `items` raised `error` (logged there when a single item
         fails: its batch was split down to it)."""
 
+    def device_failed(self, kind: Kind, items: list[WorkItem], error: DeviceFailed) -> None:
+        """The device broke while computing `items`: fail the whole batch they belong
+        to with `error`, and stop serving."""
+
     def out_of_memory(self, kind: Kind, items: list[WorkItem]) -> None:
         """`items` did not fit in memory together: shrink the limit below them."""
 
@@ -57,8 +66,8 @@ class BatchCalls(Protocol):
 def run_isolated(kind: Kind, items: list[WorkItem], calls: BatchCalls) -> bool:
     """Run `items` through `calls.run`; on failure retry in smaller pieces.
 
-    False when the thread was abandoned during a call: nothing more is run or delivered,
-    and the caller should stop serving.
+    False when the thread was abandoned during a call, or the device failed: nothing
+    more is run or delivered, and the caller should stop serving.
     """
     # Items whose caller left or whose sibling failed need no answer. `closed` is read
     # without the lock: a stale False only computes one unwanted item.
@@ -71,6 +80,10 @@ def run_isolated(kind: Kind, items: list[WorkItem], calls: BatchCalls) -> bool:
         values = calls.run(kind, [it.payload for it in items])
     except Exception as err:
         if calls.call_ended() is None:
+            return False
+        if isinstance(err, DeviceFailed):
+            calls.failed(kind, items, err)
+            calls.device_failed(kind, items, err)
             return False
         return _retry(kind, items, err, calls)
     end = calls.call_ended()
@@ -102,7 +115,8 @@ def _retry(kind: Kind, items: list[WorkItem], err: Exception, calls: BatchCalls)
             items = items[len(chunk):]
         return True
     if len(items) == 1:
-        calls.deliver([(items[0], BatchFailed(f"the model failed on this {kind}"))])
+        answer = err if is_callers_fault(err) else BatchFailed(f"the model failed on this {kind}")
+        calls.deliver([(items[0], answer)])
         return True
     half = len(items) // 2
     return run_isolated(kind, items[:half], calls) and run_isolated(kind, items[half:], calls)

@@ -1,9 +1,9 @@
 """Every Prometheus metric the service exports, defined here and nowhere else.
 
 Each app gets its own registry, so several apps (tests) can live in one process.
-`WorkerMetrics` plugs the batcher's events into these metrics for one model; gauges read
-from state rather than tracked (readiness, CUDA memory) are set by the functions given
-to `on_scrape`, before every render.
+`WorkerMetrics` plugs the batcher's events into these metrics for one model on one device
+(its series carry `device`); gauges read from state rather than tracked (readiness, CUDA
+memory) are set by the functions given to `on_scrape`, before every render.
 """
 
 from __future__ import annotations
@@ -32,38 +32,41 @@ class Metrics:
             ["endpoint"], buckets=_LATENCY, registry=r,
         )
         self.items = Counter(
-            "clip_items", "Items embedded by the model", ["model", "modality"], registry=r
+            "clip_items", "Items embedded by the model", ["model", "modality", "device"],
+            registry=r,
         )
         self.batch_size = Histogram(
-            "clip_batch_size", "Items per model batch", ["model", "modality"],
+            "clip_batch_size", "Items per model batch", ["model", "modality", "device"],
             buckets=_BATCH, registry=r,
         )
         self.padded_tokens = Counter(
             "clip_text_padded_tokens", "Token positions computed for text batches (items x longest)",
-            ["model"], registry=r,
+            ["model", "device"], registry=r,
         )
         self.queue_depth = Gauge(
-            "clip_queue_depth", "Items waiting for the model", ["model", "modality"], registry=r
+            "clip_queue_depth", "Items waiting for the model", ["model", "modality", "device"],
+            registry=r,
         )
         self.queue_wait = Histogram(
             "clip_queue_wait_seconds", "Time an item waited before its batch ran",
             ["model", "modality"], buckets=_LATENCY, registry=r,
         )
         self.compute = Histogram(
-            "clip_compute_seconds", "Model time per batch", ["model", "modality"],
+            "clip_compute_seconds", "Model time per batch", ["model", "modality", "device"],
             buckets=_LATENCY, registry=r,
         )
         self.batch_failures = Counter(
-            "clip_batch_failures", "Model batches that raised", ["model", "modality", "error"],
+            "clip_batch_failures", "Model batches that raised",
+            ["model", "modality", "error", "device"],
             registry=r,
         )
         self.rejected = Counter(
             "clip_rejected_items", "Items refused at admission (overload)",
-            ["model", "modality"], registry=r,
+            ["model", "modality", "device"], registry=r,
         )
         self.dropped = Counter(
             "clip_dropped_items", "Items removed before reaching the model",
-            ["model", "modality", "reason"], registry=r,
+            ["model", "modality", "reason", "device"], registry=r,
         )
         self.cache_hits = Counter("clip_cache_hits", "Text embeddings served from cache",
                                   ["model"], registry=r)
@@ -85,7 +88,7 @@ class Metrics:
         )
         self.stalls = Counter(
             "clip_worker_stalls", "Batches abandoned by the watchdog (stall_timeout_s)",
-            ["model", "modality"], registry=r,
+            ["model", "modality", "device"], registry=r,
         )
         self.in_flight = Gauge(
             "clip_requests_in_flight", "Requests accepted and not yet answered", registry=r,
@@ -104,35 +107,41 @@ class Metrics:
             refresh()
         return generate_latest(self.registry)
 
-    def for_worker(self, model: str) -> WorkerMetrics:
-        return WorkerMetrics(self, model)
+    def for_worker(self, model: str, device: str) -> WorkerMetrics:
+        return WorkerMetrics(self, model, device)
 
 
 class WorkerMetrics(NoEvents):
-    """The batcher's events for one model, recorded as metrics."""
+    """The batcher's events for one model's worker on one device, recorded as metrics.
 
-    def __init__(self, metrics: Metrics, model: str):
+    The worker's series carry a `device` label (the replica's, see service.replicas):
+    with a model on several devices each has its own queue depth and batch sizes, and
+    `sum by (model, ...)` adds them up as with one.
+    """
+
+    def __init__(self, metrics: Metrics, model: str, device: str):
         self.m = metrics
         self.model = model
+        self.device = device
 
     def batch_done(self, kind: Kind, size: int, padded_tokens: int, compute_s: float) -> None:
-        self.m.items.labels(self.model, kind).inc(size)
-        self.m.batch_size.labels(self.model, kind).observe(size)
-        self.m.compute.labels(self.model, kind).observe(compute_s)
+        self.m.items.labels(self.model, kind, self.device).inc(size)
+        self.m.batch_size.labels(self.model, kind, self.device).observe(size)
+        self.m.compute.labels(self.model, kind, self.device).observe(compute_s)
         if kind == "text":
-            self.m.padded_tokens.labels(self.model).inc(padded_tokens)
+            self.m.padded_tokens.labels(self.model, self.device).inc(padded_tokens)
 
     def batch_failed(self, kind: Kind, size: int, error: str) -> None:
-        self.m.batch_failures.labels(self.model, kind, error).inc()
+        self.m.batch_failures.labels(self.model, kind, error, self.device).inc()
 
     def items_dropped(self, kind: Kind, reason: str, n: int) -> None:
-        self.m.dropped.labels(self.model, kind, reason).inc(n)
+        self.m.dropped.labels(self.model, kind, reason, self.device).inc(n)
 
     def stalled(self, kind: Kind, size: int) -> None:
-        self.m.stalls.labels(self.model, kind).inc()
+        self.m.stalls.labels(self.model, kind, self.device).inc()
 
     def queue_depth(self, kind: Kind, n: int) -> None:
-        self.m.queue_depth.labels(self.model, kind).set(n)
+        self.m.queue_depth.labels(self.model, kind, self.device).set(n)
 
     def rejected(self, kind: Kind, n: int) -> None:
-        self.m.rejected.labels(self.model, kind).inc(n)
+        self.m.rejected.labels(self.model, kind, self.device).inc(n)

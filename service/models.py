@@ -15,15 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from clip_core.errors import ModelNotFound
-from clip_core.loader import load
+from clip_core.loader import LoadedModel, load
 from clip_core.tokenizer import Tokenizer
 
 from .backend import BackendInfo, ClipBackend
 from .errors import ModelUnavailable
 from .metrics import Metrics
 from .prepare import ImagePreparer, TextPreparer
+from .replicas import Replicas, replica_labels, resolve_devices
 from .settings import Settings
-from .tuning import default_streams, in_passing_thread
+from .tuning import default_streams, in_passing_thread, thread_share
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -31,18 +32,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServedModel:
-    """One loaded model: its backend on the device, the worker that batches for it, and
-    the preparers that turn request inputs into the worker's payloads."""
+    """One loaded model: its workers that batch for it, one per device with a backend
+    each (`service.replicas`), and the preparers that turn request inputs into the
+    workers' payloads."""
 
     name: str
-    backend: ClipBackend
-    worker: ModelWorker
+    worker: Replicas
     images: ImagePreparer
     texts: TextPreparer
 
     @property
+    def backend(self) -> ClipBackend:
+        """The first replica's backend: every replica has the same weights, so the same
+        `info` but for the device, and the same `logit_scale`."""
+        return self.worker.workers[0].backend  # type: ignore[return-value]
+
+    @property
     def info(self) -> BackendInfo:
         return self.backend.info
+
+    @property
+    def devices(self) -> list[str]:
+        return [w.backend.info.device for w in self.worker.workers]  # type: ignore[attr-defined]
 
     @property
     def ready(self) -> bool:
@@ -105,13 +116,12 @@ class ServedModels(Mapping[str, ServedModel]):
         """Load every model and warm it up; raises when one fails (the process exits), or
         with serve_others when none at all could be loaded."""
         s = self.settings
-        device = s.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        devices = resolve_devices(
+            s.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         tokenizer = Tokenizer()
         for i, spec in enumerate(s.models):
             try:
-                served = await self._load(spec, device, tokenizer)
+                served = await self._load(spec, devices, tokenizer)
             except Exception as e:
                 if s.on_model_load_failure == "exit":
                     raise
@@ -123,32 +133,52 @@ class ServedModels(Mapping[str, ServedModel]):
             self._served[served.name] = served
             self.default = self.default or served.name
             info = served.info
-            self.metrics.model_info.labels(info.name, info.device, info.dtype).set(1)
-            log.info("model %s ready on %s (%s)", info.name, info.device, info.dtype)
+            for device in served.devices:
+                self.metrics.model_info.labels(info.name, device, info.dtype).set(1)
+            log.info("model %s ready on %s (%s)", info.name, ", ".join(served.devices),
+                     info.dtype)
         if not self._served:  # serve_others with nothing to serve: exit as "exit" would
             raise ModelUnavailable(f"no model could be loaded ({', '.join(self.unavailable)})")
 
-    async def _load(self, spec: str, device: str, tokenizer: Tokenizer) -> ServedModel:
+    async def _load(self, spec: str, devices: list[str], tokenizer: Tokenizer) -> ServedModel:
         s = self.settings
-        loaded = await in_passing_thread(
-            load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
-            offline=s.offline, random_weights=s.random_weights, progress=False,
-        )
-        backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
-        batching = dataclasses.replace(backend.batching,
-                                       streams=s.streams or default_streams(backend))
-        if device == "cpu":
-            log.info("model %s: %d CPU threads, %d stream(s)", loaded.name,
-                     backend.cpu_threads, batching.streams)
-        worker = ModelWorker(backend, batching, name=loaded.name,
-                             events=self.metrics.for_worker(loaded.name))
-        await worker.start()  # WorkerUnavailable when the warm-up fails; nothing is kept
+        n_cpu = devices.count("cpu")
+        loaded_on: dict[str, LoadedModel] = {}  # CPU replicas share one copy of the weights
+        backends = []
+        for device in devices:
+            loaded = loaded_on.get(device)
+            if loaded is None:
+                loaded = loaded_on[device] = await in_passing_thread(
+                    load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
+                    offline=s.offline, random_weights=s.random_weights, progress=False,
+                )
+            backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
+            if device == "cpu" and n_cpu > 1:
+                # Replicas side by side split the cores evenly, as streams do; each one
+                # shares its part out over its own streams (service.replicas).
+                nth = devices[:len(backends)].count("cpu")
+                backend.threads = thread_share(backend.cpu_threads, nth, n_cpu, alone=False)
+            backends.append(backend)
+        # Named by the device each backend is on ("cuda" resolves to "cuda:0").
+        labels = replica_labels([b.info.device for b in backends])
+        workers = []
+        for backend, label in zip(backends, labels, strict=True):
+            batching = dataclasses.replace(backend.batching,
+                                           streams=s.streams or default_streams(backend))
+            if backend.device.type == "cpu":
+                log.info("model %s on %s: %d CPU threads, %d stream(s)", loaded.name, label,
+                         backend.cpu_threads, batching.streams)
+            name = loaded.name if len(backends) == 1 else f"{loaded.name}@{label}"
+            workers.append(ModelWorker(backend, batching, name=name,
+                                       events=self.metrics.for_worker(loaded.name, label)))
+        replicas = Replicas(workers, labels)
+        await replicas.start()  # WorkerUnavailable when a warm-up fails; nothing is kept
         images = ImagePreparer(
             loaded.preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
             max_frames=s.max_image_frames, formats=s.image_formats,
             exif_orientation=s.exif_orientation,
         )
-        return ServedModel(name=loaded.name, backend=backend, worker=worker, images=images,
+        return ServedModel(name=loaded.name, worker=replicas, images=images,
                            texts=TextPreparer(tokenizer))
 
     @property

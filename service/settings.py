@@ -7,6 +7,7 @@ The one `Settings` object is passed down; nothing deeper reads the environment.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,7 +29,10 @@ class Settings(BaseSettings):
     # CLIP_MODELS accepts a comma-separated list.
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL])
     random_weights: bool = False  # build the architectures with random weights (tests only)
-    device: str = "auto"  # auto: cuda when present, else cpu
+    # auto: cuda when present, else cpu. A comma list ("cuda:0,cuda:1") or cuda:all (every
+    # visible CUDA device) serves each model on several devices, one worker each; the
+    # list may repeat cpu, which splits the cores between replicas (service.replicas).
+    device: str = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     cache_dir: Path | None = None  # where downloaded weights live
     offline: bool = False  # never download weights
@@ -118,6 +122,23 @@ class Settings(BaseSettings):
         if len(set(value)) != len(value):
             raise ValueError("a model is listed twice")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        parts = [p.strip().lower() for p in value.split(",")]
+        if len(parts) == 1 and parts[0] in ("auto", "cuda:all"):
+            return parts[0]
+        for p in parts:
+            if not re.fullmatch(r"cpu|cuda(:\d+)?", p):
+                raise ValueError(
+                    f"device {p!r}: use auto, cpu, cuda, cuda:N, cuda:all, or a comma list "
+                    "of cpu, cuda and cuda:N")
+        cuda = [p for p in parts if p != "cpu"]
+        if len(set(cuda)) != len(cuda) or ("cuda" in cuda and len(cuda) > 1):
+            # "cuda" is the current device, which another entry may name too.
+            raise ValueError("a CUDA device is listed twice; only cpu may repeat")
+        return ",".join(parts)
 
     @field_validator("image_formats")
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any
 
 from .batcher import Backend, BatcherEvents, ItemState, Kind, WorkItem, padded_tokens
 from .dispatch import Batch, Dispatcher, Release
-from .errors import BatchFailed, OutOfMemory
+from .errors import BatchFailed, DeviceFailed, OutOfMemory, is_callers_fault
 from .isolation import Outcome, run_isolated
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class StreamContext:
     deliver: Callable[[list[Outcome]], None]  # answers items (off the books, to the loop)
     warmed: Callable[[BaseException | None], None]  # the warm-up's outcome, for start()
     ended: Callable[[int, int], None]  # a thread (stream, gen) ends, whyever it does
+    # The device broke (service.errors.DeviceFailed), the batch is answered: stop serving.
+    device_failed: Callable[[BaseException], None]
 
 
 class ServingThread:
@@ -44,6 +46,7 @@ class ServingThread:
         self.stream = stream
         self.gen = gen
         self._ctx = ctx
+        self._batch: list[WorkItem] = []  # the batch `_execute` runs now
         suffix = "" if ctx.streams == 1 else f"-s{stream}"
         suffix += "" if gen == 0 else f"-{gen}"
         self.thread = threading.Thread(target=self._main, name=f"model-worker-{ctx.name}{suffix}",
@@ -94,14 +97,17 @@ class ServingThread:
     def _execute(self, step: Batch) -> None:
         """Run a batch that `next_step` registered as this stream's current one."""
         kind, batch = step.taken.kind, step.taken.batch
+        self._batch = batch
         try:
             self._place(step.alone)
-            run_isolated(kind, batch, self)  # False when abandoned: next_step then says end
+            # False when abandoned or the device failed: next_step then says end.
+            run_isolated(kind, batch, self)
         except Exception:  # a bug in the batcher itself: fail this batch, keep serving
             log.exception("model %s: unexpected error running a %s batch", self._ctx.name, kind)
             left = [it for it in batch if it.state is ItemState.TAKEN]
             self.deliver([(it, BatchFailed("internal error while computing")) for it in left])
         finally:
+            self._batch = []
             self._ctx.dispatcher.batch_ended(self.stream, self.gen)
 
     def _place(self, alone: bool) -> None:
@@ -129,9 +135,26 @@ class ServingThread:
 
     def failed(self, kind: Kind, items: list[WorkItem], error: Exception) -> None:
         self._ctx.events.batch_failed(kind, len(items), type(error).__name__)
-        if len(items) == 1 and not isinstance(error, OutOfMemory):
+        if len(items) != 1 or isinstance(error, (OutOfMemory, DeviceFailed)):
+            return
+        if is_callers_fault(error):  # the input's doing: answered as it is, no traceback
+            log.info("model %s: a %s item of request %s was refused by the model: %s",
+                     self._ctx.name, kind, items[0].request.id, error)
+        else:
             log.warning("model %s: a %s item of request %s failed", self._ctx.name, kind,
                         items[0].request.id, exc_info=error)
+
+    def device_failed(self, kind: Kind, items: list[WorkItem], error: DeviceFailed) -> None:
+        # Every item of the batch still unanswered fails, not only the piece that ran:
+        # the bisection stops here, and nothing on this device can compute them.
+        log.critical("model %s: the device failed on a %s batch of %d; the worker stops",
+                     self._ctx.name, kind, len(self._batch or items), exc_info=error)
+        # Failed before anyone hears back, so that a caller answered with this error
+        # finds the worker failed (/healthz 503) at once.
+        self._ctx.dispatcher.fail()
+        left = [it for it in (self._batch or items) if it.state is ItemState.TAKEN]
+        self.deliver([(it, error) for it in left])
+        self._ctx.device_failed(error)
 
     def out_of_memory(self, kind: Kind, items: list[WorkItem]) -> None:
         limit = self._ctx.dispatcher.out_of_memory(kind, items)

@@ -43,7 +43,6 @@ from .errors import (
     Draining,
     Overloaded,
     RequestTooLarge,
-    ServiceError,
     WorkerUnavailable,
 )
 from .isolation import Outcome
@@ -81,7 +80,7 @@ class ModelWorker:
             name=name, streams=self.config.streams, backend=backend,
             dispatcher=self.dispatcher, events=self._events, deliver=self._deliver,
             warmed=lambda error: self._post(self._set_started, error),
-            ended=self._thread_ended,
+            ended=self._thread_ended, device_failed=self._device_failed,
         )
         self._watchdog: Watchdog | None = None
         if self.config.stall_timeout_s is not None:
@@ -119,8 +118,8 @@ class ModelWorker:
 
     @property
     def failed(self) -> bool:
-        """The worker stopped serving on its own (its thread died, or too many got stuck)
-        and will not recover: a reason to restart the process."""
+        """The worker stopped serving on its own (its thread died, too many got stuck, or
+        its device failed) and will not recover: a reason to restart the process."""
         return self.dispatcher.failed
 
     async def drain(self, timeout: float) -> bool:
@@ -250,7 +249,7 @@ class ModelWorker:
             req = item.request
             if req.future.done():
                 continue
-            if isinstance(outcome, ServiceError):
+            if not isinstance(outcome, ItemResult):  # an error: ours, or one the input caused
                 self._fail(req, outcome, reason="failed")
                 continue
             req.results[item.index] = outcome
@@ -263,7 +262,7 @@ class ModelWorker:
         self._fail(req, DeadlineExceeded(
             f"deadline passed with {req.remaining} of {n} items unfinished"), reason="expired")
 
-    def _fail(self, req: Request, error: ServiceError, reason: str) -> None:
+    def _fail(self, req: Request, error: Exception, reason: str) -> None:
         if not req.future.done():
             req.future.set_exception(error)
         self._purge(req, reason)
@@ -303,6 +302,12 @@ class ModelWorker:
             log.warning("model %s: a stalled batch returned after all; its thread ends",
                         self.name)
             return
+        self._stop_serving()
+
+    def _device_failed(self, error: BaseException) -> None:
+        """Serving thread: the device is broken for good (`DeviceFailed`) and the worker
+        marked failed (/healthz asks for a restart); the batch was answered. The threads
+        stop, and what is queued or waits fails with WorkerUnavailable."""
         self._stop_serving()
 
     def _stop_serving(self) -> None:

@@ -182,7 +182,8 @@ class ModelCard(BaseModel):
     dimension: int
     image_size: int
     context_length: int
-    device: str
+    device: str  # the devices, comma-separated: "cuda:0", or "cuda:0,cuda:1"
+    devices: list[str]  # one per replica: the model serves on each (see CLIP_DEVICE)
     dtype: str
     status: Literal["ready", "loading", "unavailable"]
 

@@ -1,8 +1,8 @@
 """A backend that obeys the worker's protocol without torch, and records every call.
 
 Each result is `(kind, payload)`, so a test can tell which input produced it. Behaviour
-is chosen per payload (poisoned, hanging, fatal) or per batch (out of memory above a
-size, a fixed sleep), and `pause()` holds every call at its start until `resume()`, so a
+is chosen per payload (poisoned, hanging, fatal, refused with the caller's error, or
+breaking the device for good) or per batch (out of memory above a size, a fixed sleep), and `pause()` holds every call at its start until `resume()`, so a
 test can fill the queue while the worker is busy and know exactly what is queued.
 
 With a `FakeClock` (given to the worker too), a call takes its time on that clock instead
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import OutOfMemory
+from service.errors import DeviceFailed, OutOfMemory
 
 
 class FakeClock:
@@ -49,7 +49,7 @@ class Fatal(BaseException):
 class Call:
     kind: str
     payloads: tuple[Any, ...]
-    outcome: str  # "ok", "poisoned", "oom", "fatal"
+    outcome: str  # "ok", "poisoned", "oom", "fatal", "refused", "device_failed"
 
     @property
     def size(self) -> int:
@@ -66,6 +66,8 @@ class FakeBackend:
         oom_above: int | None = None,
         hang_on: Iterable[Any] = (),
         fatal_on: Iterable[Any] = (),
+        refuse: dict[Any, Exception] | None = None,
+        break_device_on: Iterable[Any] = (),
         clock: FakeClock | None = None,
     ):
         self.delay_s = delay_s
@@ -74,6 +76,13 @@ class FakeBackend:
         self.oom_above = oom_above
         self.hang_on = set(hang_on)
         self.fatal_on = set(fatal_on)
+        # payload -> the error that payload alone raises (a caller's fault found on the
+        # device, as a corrupt JPEG the GPU decoder rejects); the whole call raises it.
+        self.refuse = dict(refuse or {})
+        # A payload that breaks the device (a sticky CUDA error): this call and every
+        # later one raise DeviceFailed, as every launch on a poisoned context fails.
+        self.break_device_on = set(break_device_on)
+        self.device_broken = False
         self.clock = clock  # None: calls take their time in real sleeps
         self.calls: list[Call] = []
         self.warmed_up = False
@@ -95,12 +104,20 @@ class FakeBackend:
         if self.oom_above is not None and len(payloads) > self.oom_above:
             self._record(kind, payloads, "oom")
             raise OutOfMemory(f"fake: {len(payloads)} > {self.oom_above}")
+        if self.device_broken or any(p in self.break_device_on for p in payloads):
+            self.device_broken = True
+            self._record(kind, payloads, "device_failed")
+            raise DeviceFailed("fake: an illegal memory access was encountered")
         if any(p in self.fatal_on for p in payloads):
             self._record(kind, payloads, "fatal")
             raise Fatal("fake: the worker thread dies")
         if any(p in self.poison for p in payloads):
             self._record(kind, payloads, "poisoned")
             raise Poisoned("fake: poisoned input")
+        refused = [p for p in payloads if p in self.refuse]
+        if refused:
+            self._record(kind, payloads, "refused")
+            raise self.refuse[refused[0]]
         self._record(kind, payloads, "ok")
         if any(p in self.hang_on for p in payloads):
             self._unhang.wait(timeout=10)

@@ -28,6 +28,7 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "ModelUnavailable": (503, "unavailable"),
     "BatchFailed": (500, "inference_failed"),
     "BatchStalled": (500, "inference_failed"),
+    "DeviceFailed": (500, "device_failed"),
     "OutOfMemory": (503, "overloaded"),
     "InvalidRequest": (400, "invalid_request"),
     "EmptyInput": (422, "invalid_request"),

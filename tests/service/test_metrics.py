@@ -30,7 +30,7 @@ def test_worker_events_become_metrics():
     async def main():
         backend = FakeBackend()
         worker = ModelWorker(backend, BatcherConfig(max_queue_items=4), name="m",
-                             events=metrics.for_worker("m"))
+                             events=metrics.for_worker("m", "cpu"))
         await worker.start()
         await worker.submit_many("image", [1, 2, 3])
         await worker.submit_many("text", ["a", "bb"], costs=[3, 5])
@@ -45,11 +45,12 @@ def test_worker_events_become_metrics():
 
     asyncio.run(asyncio.wait_for(main(), 10))
     s = _samples(metrics)
-    assert s[("clip_items_total", (("modality", "image"), ("model", "m")))] == 6
-    assert s[("clip_items_total", (("modality", "text"), ("model", "m")))] == 2
-    assert s[("clip_text_padded_tokens_total", (("model", "m"),))] == 10  # 2 items x 5 tokens
-    assert s[("clip_batch_size_count", (("modality", "image"), ("model", "m")))] >= 2
-    assert s[("clip_rejected_items_total", (("modality", "image"), ("model", "m")))] == 2
+    cpu = ("device", "cpu")
+    assert s[("clip_items_total", (cpu, ("modality", "image"), ("model", "m")))] == 6
+    assert s[("clip_items_total", (cpu, ("modality", "text"), ("model", "m")))] == 2
+    assert s[("clip_text_padded_tokens_total", (cpu, ("model", "m")))] == 10  # 2 x 5 tokens
+    assert s[("clip_batch_size_count", (cpu, ("modality", "image"), ("model", "m")))] >= 2
+    assert s[("clip_rejected_items_total", (cpu, ("modality", "image"), ("model", "m")))] == 2
 
 
 def test_each_app_has_its_own_registry():

@@ -91,3 +91,26 @@ def test_image_formats_have_one_source():
     assert Settings(image_formats="png,gif").image_formats == ["PNG", "GIF"]
     with pytest.raises(ValidationError, match="subset of"):
         Settings(image_formats=["EPS"])
+
+
+@pytest.mark.parametrize("given, kept", [
+    ("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"),
+    ("cuda:all", "cuda:all"), ("cuda:0, cuda:1", "cuda:0,cuda:1"), ("cpu,cpu", "cpu,cpu"),
+    ("CUDA:0,cpu", "cuda:0,cpu"),
+])
+def test_devices_are_one_or_a_comma_list(given, kept):
+    assert Settings(device=given).device == kept
+
+
+@pytest.mark.parametrize("bad", [
+    "gpu", "cuda:", "cuda:-1", "cuda:x", "mps", "", "cpu,", "auto,cpu", "cuda:all,cpu",
+    "cuda:0,cuda:0", "cuda,cuda:0",
+])
+def test_unknown_or_repeated_devices_are_refused(bad):
+    with pytest.raises(ValidationError, match="device"):
+        Settings(device=bad)
+
+
+def test_devices_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CLIP_DEVICE", "cuda:0,cuda:1")
+    assert Settings().device == "cuda:0,cuda:1"
