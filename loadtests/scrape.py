@@ -58,9 +58,12 @@ def batch_sizes(before: Samples, after: Samples) -> dict[str, dict]:
         key = f"{lab.get('model', '')}/{lab.get('modality', '')}"
         delta = value - before.get((name, labels), 0.0)
         if name == "clip_batch_size_bucket":
-            cumulative[key][_le(lab["le"])] = delta
+            # Summed: with several replicas each device exports its own series.
+            le = _le(lab["le"])
+            cumulative[key][le] = cumulative[key].get(le, 0.0) + delta
         elif name in ("clip_batch_size_count", "clip_batch_size_sum"):
-            totals[key][name.rsplit("_", 1)[1]] = delta
+            part = name.rsplit("_", 1)[1]
+            totals[key][part] = totals[key].get(part, 0.0) + delta
     out = {}
     for key, buckets in sorted(cumulative.items()):
         count, total = totals[key].get("count", 0.0), totals[key].get("sum", 0.0)

@@ -132,7 +132,8 @@ OPENAPI_ERRORS: dict[int | str, dict] = {
         (415, "unsupported_media_type, unsupported_image_format"),
         (422, "invalid_request, text_too_long, invalid_text, invalid_input, fetch_failed"),
         (429, "rate_limited (Retry-After)"),
-        (500, "inference_failed: the model failed on this input"),
+        (500, "inference_failed: the model failed on this input; device_failed: the device "
+              "failed for good (the pod restarts)"),
         (503, "overloaded or unavailable (Retry-After)"),
         (504, "deadline_exceeded"),
     )
