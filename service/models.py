@@ -134,9 +134,10 @@ class ServedModels(Mapping[str, ServedModel]):
             load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
             offline=s.offline, random_weights=s.random_weights, progress=False,
         )
-        backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
-        batching = dataclasses.replace(backend.batching,
-                                       streams=s.streams or default_streams(backend))
+        backend = ClipBackend(loaded, threads=s.torch_threads,
+                              warmup_images=s.max_batch_size, warmup_tokens=s.max_batch_tokens,
+                              preprocess=s.preprocess, cuda_graphs=s.cuda_graphs)
+        batching = dataclasses.replace(s.batcher(), streams=s.streams or default_streams(backend))
         if device == "cpu":
             log.info("model %s: %d CPU threads, %d stream(s)", loaded.name,
                      backend.cpu_threads, batching.streams)
@@ -146,7 +147,7 @@ class ServedModels(Mapping[str, ServedModel]):
         images = ImagePreparer(
             loaded.preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
             max_frames=s.max_image_frames, formats=s.image_formats,
-            exif_orientation=s.exif_orientation,
+            exif_orientation=s.exif_orientation, mode=s.preprocess,
         )
         return ServedModel(name=loaded.name, backend=backend, worker=worker, images=images,
                            texts=TextPreparer(tokenizer))
