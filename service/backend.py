@@ -67,7 +67,7 @@ def warmup_plan(device_type: str, warmup_images: int, warmup_tokens: int,
     small += [("text", 1, n) for n in _WARMUP_TEXT_LENGTHS]
     if device_type == "cpu" and not bucketed:
         return small
-    buckets = [("image", n, 0) for n in reversed(default_buckets(warmup_images))]
+    buckets: list[tuple[Kind, int, int]] = [("image", n, 0) for n in reversed(default_buckets(warmup_images))]
     texts: list[tuple[Kind, int, int]] = []
     if device_type != "cpu":
         lengths = sorted({min(n, context_length) for n in _WARMUP_FULL_TEXT_LENGTHS})
