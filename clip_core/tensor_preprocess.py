@@ -94,6 +94,24 @@ def read_jpeg_header(data: bytes | bytearray | memoryview) -> JpegHeader | None:
     return None
 
 
+def takes_tensor_path(blob: bytes | bytearray | memoryview, image_size: int) -> bool:
+    """Whether a `TensorPreprocessor` making `image_size` px crops decodes `blob` itself;
+    everything else takes the exact Pillow path. Reads the header only, so a caller can
+    sort images before they reach the preprocessor (service.prepare does)."""
+    h = read_jpeg_header(blob)
+    if h is None or h.sof not in _SOF_TENSOR or h.precision != 8:
+        return False
+    if h.components not in (1, 3) or (h.components == 3 and h.adobe_transform == 0):
+        return False  # CMYK/YCCK and untransformed RGB: decoders disagree on colours
+    if h.width == 0 or h.height == 0 or not _ends_with_eoi(blob):
+        return False
+    bomb = Image.MAX_IMAGE_PIXELS
+    if bomb is not None and h.width * h.height > bomb:
+        return False  # Pillow warns or refuses; it should decide, not us
+    new_w, new_h = _resized_size(h.width, h.height, image_size)
+    return new_w * new_h <= MAX_RESIZED_PIXELS
+
+
 def _ends_with_eoi(data: bytes | bytearray | memoryview) -> bool:
     # A truncated file lacks its end-of-image marker. libjpeg-turbo refuses such files, but
     # nvJPEG may return the part it read; Pillow decides instead, as open_image would.
@@ -146,18 +164,7 @@ class TensorPreprocessor:
 
     def eligible(self, blob: bytes | bytearray | memoryview) -> bool:
         """Whether `blob` takes the tensor path; everything else takes the exact Pillow path."""
-        h = read_jpeg_header(blob)
-        if h is None or h.sof not in _SOF_TENSOR or h.precision != 8:
-            return False
-        if h.components not in (1, 3) or (h.components == 3 and h.adobe_transform == 0):
-            return False  # CMYK/YCCK and untransformed RGB: decoders disagree on colours
-        if h.width == 0 or h.height == 0 or not _ends_with_eoi(blob):
-            return False
-        bomb = Image.MAX_IMAGE_PIXELS
-        if bomb is not None and h.width * h.height > bomb:
-            return False  # Pillow warns or refuses; it should decide, not us
-        new_w, new_h = _resized_size(h.width, h.height, self.size)
-        return new_w * new_h <= MAX_RESIZED_PIXELS
+        return takes_tensor_path(blob, self.size)
 
     def pixels(self, blobs: Sequence[bytes | bytearray | memoryview]) -> torch.Tensor:
         """(B, 3, S, S) uint8 on the device."""
@@ -263,4 +270,5 @@ __all__ = [
     "grey_level",
     "max_pixel_difference",
     "read_jpeg_header",
+    "takes_tensor_path",
 ]

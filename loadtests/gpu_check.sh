@@ -17,7 +17,8 @@
 #   oom         an image batch that cannot fit, through the backend's OOM path, and after
 #   raw         eager fp16 images/s at batch 1..1024 and texts/s at 64..1024
 #   graphs, preprocess, graphs_l14   loadtests/bench_gpu_parts.py (CUDA graphs, decoding)
-#   service     the server under load from two client processes (loadtests/gpu_load.py)
+#   service     the server under load from two client processes (loadtests/gpu_load.py),
+#               as configured and again with CLIP_PREPROCESS=device CLIP_CUDA_GRAPHS=true
 #
 # At most 8 files land in $OUT, no folders: summary.md (printed at the end too), log.txt
 # (everything printed), nvidia-smi.txt, tests.txt, probe.json, parts.json, service.json,
@@ -147,15 +148,19 @@ fi
 
 SERVER_ENV=()
 for kv in ${GPU_SERVER_ENV:-}; do SERVER_ENV+=(--server-env "$kv"); done
+# Two servers through the same phases: the settings as given, then with the JPEGs decoded
+# on the device and the image tower as CUDA graphs (phases named device/...).
+DEVICE_VARIANT=(--variant "device:CLIP_PREPROCESS=device,CLIP_CUDA_GRAPHS=true")
 if ((DRY)); then
     step service 60 "$PY" loadtests/gpu_load.py --json "$OUT/service.json" \
         --server-log "$OUT/server.log" --device cpu --dtype fp32 --images 4 --clients 2 \
         --image-concurrency 1 --text1-concurrency 2 --duration 1 --warmup 0.5 \
-        --prepare-workers 2 --max-batch-size 16 "${SERVER_ENV[@]}"
+        --prepare-workers 2 --max-batch-size 16 "${SERVER_ENV[@]}" "${DEVICE_VARIANT[@]}" \
+        --variant-phases image64_json
 else
-    step service 130 "$PY" loadtests/gpu_load.py --json "$OUT/service.json" \
+    step service 150 "$PY" loadtests/gpu_load.py --json "$OUT/service.json" \
         --server-log "$OUT/server.log" --model ViT-B-32 --device cuda --dtype fp16 \
-        --clients 2 --duration 12 --warmup 3 "${SERVER_ENV[@]}"
+        --clients 2 --duration 8 --warmup 2 "${SERVER_ENV[@]}" "${DEVICE_VARIANT[@]}"
     step nvidia-smi-after 20 bash -c 'smi "after the load"'
 fi
 

@@ -7,7 +7,11 @@ closed-loop load from several client processes, one phase per request shape:
     text1              one unique caption
 
     python3 loadtests/gpu_load.py --json out/service.json --server-log out/server.log \\
-        --model ViT-B-32 --device cuda --dtype fp16 --clients 2 --duration 12
+        --model ViT-B-32 --device cuda --dtype fp16 --clients 2 --duration 8 \\
+        --variant device:CLIP_PREPROCESS=device,CLIP_CUDA_GRAPHS=true
+
+With --variant, a second server with those settings on top runs the same phases after the
+first (named "device/image64_json"...), so one report compares the two.
 
 Per phase: items/s, latency percentiles, refusals and errors, the server's CPU in cores,
 GPU utilisation sampled with NVML during the measured window, and the batch sizes the
@@ -282,18 +286,38 @@ def parent(args: argparse.Namespace) -> int:
     server_args = ["--model", args.model, "--random-weights"] if args.model else []
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "server_log")}
     report: dict = {"config": {**settings, "server_env": env, "server_args": server_args},
-                    "phases": {}}
+                    "phases": {}, "variants": {}}
     out = args.json
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, default=str))
 
-    log = open(args.server_log, "w")  # noqa: SIM115 (the server writes to it while it runs)
-    server = ServerProcess(server_args, env, stdout=log, stderr=subprocess.STDOUT,
-                           python=sys.executable)
     # gpu_check.sh's timeout sends SIGTERM: stop the server on the way out, keep the JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    failed = 0
+    with open(args.server_log, "w") as log:
+        # The configured server first, then one per variant: its phases are named
+        # "label/phase", its server's output follows in the same log.
+        failed += serve(args, env, server_args, "", args.phases, report, log, save)
+        for label, extra in args.variant:
+            failed += serve(args, {**env, **extra}, server_args, label,
+                            args.variant_phases or args.phases, report, log, save)
+    report["headline"] = "; ".join(
+        line(p, r) if "summary" in r else f"{p}: {r['error']}" for p, r in report["phases"].items())
+    save()
+    return 1 if failed else 0
+
+
+def serve(args: argparse.Namespace, env: dict[str, str], server_args: list[str], label: str,
+          phases: list[str], report: dict, log, save) -> int:
+    """One server with `env` through `phases`; the number of phases that failed."""
+    prefix = f"{label}/" if label else ""
+    variant = report["variants"][label or "default"] = {"server_env": env}
+    print(f"=== server {label or 'default'}: "
+          f"{' '.join(f'{k}={v}' for k, v in env.items())}", file=log, flush=True)
+    server = ServerProcess(server_args, env, stdout=log, stderr=subprocess.STDOUT,
+                           python=sys.executable)
     failed = 0
     work = Path(tempfile.mkdtemp(prefix="gpu-load-"))
     try:
@@ -301,31 +325,36 @@ def parent(args: argparse.Namespace) -> int:
         try:
             server.wait_ready(args.ready_timeout)
         except ServerDidNotStart as e:
-            report["headline"] = f"the server did not start: {e} (see the server log)"
-            print(report["headline"], flush=True)
+            report["phases"][f"{prefix}start"] = {"error": f"the server did not start: {e} "
+                                                           f"(see the server log)"}
+            print(f"{prefix}start: FAILED {e}", flush=True)
             return 1
-        report["server_ready_s"] = round(time.monotonic() - start, 1)
+        variant["server_ready_s"] = round(time.monotonic() - start, 1)
+        report.setdefault("server_ready_s", variant["server_ready_s"])
         save()
-        for phase in args.phases:
+        for phase in phases:
             try:
-                report["phases"][phase] = r = run_phase(args, server, phase, work)
-                print(line(phase, r), flush=True)
+                report["phases"][prefix + phase] = r = run_phase(args, server, phase, work)
+                print(line(prefix + phase, r), flush=True)
                 s = r["summary"]
                 failed += s["ok"] == 0 or s["error"] + s["timeout"] + s["transport_error"] > 0
             except Exception as e:
-                report["phases"][phase] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"{phase}: FAILED {type(e).__name__}: {e}", flush=True)
+                report["phases"][prefix + phase] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"{prefix}{phase}: FAILED {type(e).__name__}: {e}", flush=True)
                 failed += 1
             save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        report["server_exit"] = server.stop()
-        log.close()
+        variant["server_exit"] = server.stop()
         save()
-    report["headline"] = "; ".join(
-        line(p, r) if "summary" in r else f"{p}: {r['error']}" for p, r in report["phases"].items())
-    save()
-    return 1 if failed else 0
+    return failed
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    label, _, pairs = text.partition(":")
+    if not label or "/" in label or not pairs:
+        raise argparse.ArgumentTypeError(f"expected LABEL:CLIP_A=1,CLIP_B=2, got {text!r}")
+    return label, dict(_env_pair(kv) for kv in pairs.split(","))
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -365,15 +394,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="64-image requests in flight per client (64-text: twice that)")
     p.add_argument("--text1-concurrency", type=int, default=32, help="per client")
     p.add_argument("--images", type=int, default=64, help="items per image/text64 request")
-    p.add_argument("--duration", type=float, default=12.0, help="measured seconds per phase")
-    p.add_argument("--warmup", type=float, default=3.0, help="seconds sent first, not counted")
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds sent first, not counted")
     p.add_argument("--timeout", type=float, default=60.0, help="client timeout per request")
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--phases", type=lambda s: [x for x in s.split(",") if x], default=list(PHASES))
     p.add_argument("--server-env", type=_env_pair, action="append", default=[],
                    metavar="CLIP_NAME=VALUE", help="more server settings (repeatable)")
+    p.add_argument("--variant", type=_variant, action="append", default=[],
+                   metavar="LABEL:CLIP_A=1,CLIP_B=2",
+                   help="after the configured server, another with these settings on top, "
+                        "through the same phases, named LABEL/phase (repeatable)")
+    p.add_argument("--variant-phases", type=lambda s: [x for x in s.split(",") if x],
+                   default=None, help="the variants' phases (default: --phases)")
     args = p.parse_args(argv)
-    unknown = set(args.phases) - set(PHASES)
+    unknown = (set(args.phases) | set(args.variant_phases or ())) - set(PHASES)
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}; known: {', '.join(PHASES)}")
     return parent(args)

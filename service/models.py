@@ -152,7 +152,10 @@ class ServedModels(Mapping[str, ServedModel]):
                     load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
                     offline=s.offline, random_weights=s.random_weights, progress=False,
                 )
-            backend = ClipBackend(loaded, s.batcher(), threads=s.torch_threads)
+            backend = ClipBackend(loaded, threads=s.torch_threads,
+                                  warmup_images=s.max_batch_size,
+                                  warmup_tokens=s.max_batch_tokens,
+                                  preprocess=s.preprocess, cuda_graphs=s.cuda_graphs)
             if device == "cpu" and n_cpu > 1:
                 # Replicas side by side split the cores evenly, as streams do; each one
                 # shares its part out over its own streams (service.replicas).
@@ -163,7 +166,7 @@ class ServedModels(Mapping[str, ServedModel]):
         labels = replica_labels([b.info.device for b in backends])
         workers = []
         for backend, label in zip(backends, labels, strict=True):
-            batching = dataclasses.replace(backend.batching,
+            batching = dataclasses.replace(s.batcher(),
                                            streams=s.streams or default_streams(backend))
             if backend.device.type == "cpu":
                 log.info("model %s on %s: %d CPU threads, %d stream(s)", loaded.name, label,
@@ -176,7 +179,7 @@ class ServedModels(Mapping[str, ServedModel]):
         images = ImagePreparer(
             loaded.preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
             max_frames=s.max_image_frames, formats=s.image_formats,
-            exif_orientation=s.exif_orientation,
+            exif_orientation=s.exif_orientation, mode=s.preprocess,
         )
         return ServedModel(name=loaded.name, worker=replicas, images=images,
                            texts=TextPreparer(tokenizer))

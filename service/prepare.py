@@ -2,7 +2,10 @@
 
 Images are decoded, resized and cropped to uint8 (3, S, S) tensors in a bounded thread
 pool at a lower priority than the model (service.tuning): Pillow releases the GIL while
-it decodes and resamples, so this overlaps the model and other requests. Texts become
+it decodes and resamples, so this overlaps the model and other requests. With
+`mode="device"`, a JPEG the tensor path reads as Pillow does is only checked there and
+becomes an `EncodedImage`: the backend decodes it with the rest of its batch on the
+model's device (clip_core.tensor_preprocess). Texts become
 token id lists [sot, ..., eot] without padding; large requests are tokenised in an
 executor so the loop stays responsive (the BPE holds the GIL, so this buys
 responsiveness, not throughput).
@@ -17,6 +20,8 @@ import io
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from PIL import Image, ImageOps
@@ -24,6 +29,7 @@ from PIL import Image, ImageOps
 from clip_core.config import PreprocessConfig
 from clip_core.errors import ImageDecodeError, InvalidInput
 from clip_core.preprocess import DECODE_FORMATS, ImageTransform, open_image
+from clip_core.tensor_preprocess import takes_tensor_path
 from clip_core.tokenizer import Tokenizer, TokenRows
 
 from .errors import ImageFormatNotAllowed, ImageTooLarge
@@ -58,6 +64,19 @@ _REFUSED: tuple[tuple[str, tuple[bytes, ...]], ...] = (
     ("JPEG 2000", (b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")),
 )
 _EXIF_ORIENTATION = 0x0112
+_TURNED = range(2, 9)  # EXIF orientations that move pixels; 1 is upright
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedImage:
+    """A JPEG checked (format, size, frames) but not decoded: the backend decodes it with
+    its batch on the model's device (`ImagePreparer(mode="device")`)."""
+
+    data: bytes
+    index: int  # its position in the request, to name it when it does not decode
+
+
+ImagePayload = torch.Tensor | EncodedImage
 
 
 def sniff(data: ImageBytes) -> str | None:
@@ -74,7 +93,8 @@ def sniff(data: ImageBytes) -> str | None:
 
 
 class ImagePreparer:
-    """Encoded images -> uint8 (3, S, S) pixel tensors for one preprocessing config.
+    """Encoded images -> uint8 (3, S, S) pixel tensors for one preprocessing config, or,
+    with `mode="device"`, `EncodedImage`s for the JPEGs the device decodes.
 
     Before a decoder runs: the format is sniffed from the leading bytes and checked
     against `formats`; the header alone gives the size and frame count, checked against
@@ -92,7 +112,10 @@ class ImagePreparer:
         max_frames: int = DEFAULT_MAX_FRAMES,
         formats: Sequence[str] = DECODE_FORMATS,
         exif_orientation: bool = False,
+        mode: Literal["exact", "device"] = "exact",
     ):
+        if mode not in ("exact", "device"):
+            raise ValueError(f"mode must be 'exact' or 'device', got {mode!r}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         if max_pixels is not None and max_pixels < 1:
@@ -103,11 +126,13 @@ class ImagePreparer:
         self.max_frames = max_frames
         self.formats = tuple(f.upper() for f in formats)
         self.exif_orientation = exif_orientation
+        self.mode = mode
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="prepare-image",
                                             initializer=lower_priority)
 
-    async def prepare(self, images: Sequence[ImageBytes]) -> list[torch.Tensor]:
-        """One uint8 (3, S, S) tensor per image, in order.
+    async def prepare(self, images: Sequence[ImageBytes]) -> list[ImagePayload]:
+        """One payload per image, in order: a uint8 (3, S, S) tensor, or in device mode
+        an `EncodedImage` for a JPEG the device decodes.
 
         The first failure (lowest index among those seen) is raised as ImageDecodeError,
         InvalidInput, ImageTooLarge or ImageFormatNotAllowed naming the image, and images
@@ -129,13 +154,16 @@ class ImagePreparer:
             for f in futures:
                 f.cancel()  # no-op when done; a running decode finishes, unused
 
-    def prepare_one(self, index: int, data: ImageBytes) -> torch.Tensor:
-        """Blocking: check, decode, orient, resize and crop image `index` of a request."""
+    def prepare_one(self, index: int, data: ImageBytes) -> ImagePayload:
+        """Blocking: check, decode, orient, resize and crop image `index` of a request;
+        in device mode, a JPEG the device decodes is only checked."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"image {index} is {type(data).__name__}, expected bytes")
         try:
             fmt = self._check_format(data)
-            self._check_header(data, fmt)
+            orientation = self._check_header(data, fmt)
+            if self._on_device(data, fmt, orientation):
+                return EncodedImage(bytes(data), index)
             with open_image(data, formats=[fmt]) as image:
                 return self.transform.pixels(self._upright(image))
         except ImageDecodeError as err:
@@ -161,16 +189,27 @@ class ImagePreparer:
                                         f"{', '.join(self.formats)}")
         return fmt
 
-    def _check_header(self, data: ImageBytes, fmt: str) -> None:
-        """Refuse an image over the pixel or frame caps from its header, before decoding."""
+    def _on_device(self, data: ImageBytes, fmt: str, orientation: int | None) -> bool:
+        # Turned photos stay exact: the tensor path knows nothing of EXIF. So does what
+        # the tensor path would hand back to Pillow anyway (CMYK, 12-bit, truncated...),
+        # which is better decoded here, in parallel, than on the serving thread.
+        return (self.mode == "device" and fmt == "JPEG" and orientation is not None
+                and not (self.exif_orientation and orientation in _TURNED)
+                and takes_tensor_path(data, self.transform.size))
+
+    def _check_header(self, data: ImageBytes, fmt: str) -> int | None:
+        """Refuse an image over the pixel or frame caps from its header, before decoding.
+        Its EXIF orientation (1 when absent, unreadable or not asked for); None when the
+        header does not read."""
         try:
             with Image.open(io.BytesIO(data), formats=[fmt]) as header:
                 width, height = header.size
                 frames = getattr(header, "n_frames", 1)  # walks frame headers, decodes none
+                orientation = self._orientation(header) if self.mode == "device" else 1
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageTooLarge("the image has too many pixels to decode") from None
         except Exception:
-            return  # not readable: open_image says why, in its own words
+            return None  # not readable: open_image says why, in its own words
         # Pillow's bomb warning, as an error whatever the process's warning filters say.
         caps = [c for c in (self.max_pixels, Image.MAX_IMAGE_PIXELS) if c]
         limit = min(caps) if caps else None
@@ -180,16 +219,20 @@ class ImagePreparer:
         if frames > self.max_frames:
             raise ImageTooLarge(f"the image has {frames} frames; at most "
                                 f"{self.max_frames} are accepted")
+        return orientation
 
-    def _upright(self, image: Image.Image) -> Image.Image:
+    def _orientation(self, image: Image.Image) -> int:
+        """The EXIF orientation `_upright` acts on; 1 when it would leave the pixels."""
         if not self.exif_orientation:
-            return image
+            return 1
         try:
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            return image.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception:  # a malformed EXIF block: keep the pixels as stored
             log.debug("unreadable EXIF block; orientation ignored", exc_info=True)
-            return image
-        if orientation not in range(2, 9):
+            return 1
+
+    def _upright(self, image: Image.Image) -> Image.Image:
+        if self._orientation(image) not in _TURNED:
             return image
         return ImageOps.exif_transpose(image)
 

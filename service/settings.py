@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     # Batches computed side by side per model, each on its share of torch_threads (see
     # service.batcher). None: 2 on a CPU with 2 or more cores, else 1.
     streams: int | None = Field(None, ge=1)
+    # Where JPEGs are decoded and resized. exact: Pillow in the decode pool, the reference
+    # preprocessing. device: each batch's JPEGs on the model's device (nvJPEG on CUDA,
+    # clip_core.tensor_preprocess), within a few grey levels of exact; other formats and
+    # JPEGs turned by their EXIF orientation keep the exact path.
+    preprocess: Literal["exact", "device"] = "exact"
+    # The image tower as CUDA graphs, one per batch-size bucket (powers of two up to
+    # max_batch_size), captured at warm-up; a batch runs padded to its bucket. On a CPU
+    # the buckets run eagerly, with no gain.
+    cuda_graphs: bool = False
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

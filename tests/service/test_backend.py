@@ -59,7 +59,7 @@ def tokenizer() -> Tokenizer:
 @pytest.fixture(scope="module")
 def backend(model) -> ClipBackend:
     return ClipBackend(LoadedModel("tiny", model, PREP, "random"),
-                       BatcherConfig(max_batch_size=4, max_batch_tokens=4 * 77))
+                       warmup_images=4, warmup_tokens=4 * 77)
 
 
 def direct_images(model: CLIP, images: list[Image.Image]) -> torch.Tensor:
@@ -180,7 +180,8 @@ def test_model_worker_serves_concurrent_requests(backend, model, tokenizer):
         expected_texts = model.encode_text(tokenizer(TEXTS).ids)
 
     async def scenario():
-        worker = ModelWorker(backend, backend.batching, name="tiny")
+        worker = ModelWorker(backend, BatcherConfig(max_batch_size=4, max_batch_tokens=4 * 77),
+                             name="tiny")
         await worker.start()
         try:
             image_requests = [pixels[0:3], pixels[3:4], pixels[4:7]]
@@ -206,7 +207,7 @@ def test_model_worker_serves_concurrent_requests(backend, model, tokenizer):
 def test_cuda_fp16_matches_cpu_fp32(model, tokenizer):
     cuda = copy.deepcopy(model).to("cuda", torch.float16)
     gpu = ClipBackend(LoadedModel("tiny", cuda, PREP, "random"),
-                      BatcherConfig(max_batch_size=8, max_batch_tokens=8 * 77))
+                      warmup_images=8, warmup_tokens=8 * 77)
     cpu = ClipBackend(LoadedModel("tiny", model, PREP, "random"))
     gpu.warmup()
     assert gpu.info.dtype == "float16" and gpu.info.device.startswith("cuda")

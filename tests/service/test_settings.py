@@ -59,6 +59,10 @@ def _readme_defaults() -> dict[str, str]:
 
 def _parse_default(text: str) -> object:
     """README's way of writing a default as a value: 256, 2.0, 32 MiB, 2²⁶ (8192²), A,B,C."""
+    if text in ("true", "false"):
+        return text == "true"
+    if m := re.fullmatch(r"`([a-z_]+)`", text):  # one of a Literal's choices
+        return m[1]
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
     if m := re.fullmatch(r"(\d+) MiB", text):
