@@ -106,13 +106,13 @@ def _read_merges(vocab_path: str | os.PathLike[str] | None) -> list[tuple[str, s
         data = gzip.decompress(data)
     lines = data.decode("utf-8").split("\n")
     # Line 0 is a "#version" header.
-    merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
-    if len(merges) < N_MERGES or any(len(m) != 2 for m in merges):
+    pairs = [line.split() for line in lines[1 : N_MERGES + 1]]
+    if len(pairs) < N_MERGES or any(len(p) != 2 for p in pairs):
         raise ValueError(
             f"{vocab_path or 'packaged vocabulary'}: expected {N_MERGES} merge lines of two "
             "symbols each after the header"
         )
-    return merges  # type: ignore[return-value]
+    return [(a, b) for a, b in pairs]
 
 
 def _build_vocab(
