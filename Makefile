@@ -29,6 +29,7 @@ serve: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # tests/deploy run Debian's Prometheus (promtool, and a real scrape of a live server);
 # CI runs as root on a fresh machine, so the first `make test` installs it.
@@ -67,4 +68,4 @@ gpu-wheels:
 	du -sh .whl
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from .config import CLIPConfig, Interpolation, PreprocessConfig, TextConfig, VisionConfig
 from .errors import CheckpointError
 from .model import CLIP, infer_config
 
@@ -192,7 +192,8 @@ def _hf_preprocess(folder: Path, image_size: int) -> PreprocessConfig | None:
     crop = p.get("crop_size", image_size)
     size = crop.get("height", image_size) if isinstance(crop, dict) else crop
     # PIL resample code 3 is bicubic, what every CLIP preprocessor config uses.
-    interp = {3: "bicubic", 2: "bilinear", 0: "nearest"}.get(p.get("resample", 3), "bicubic")
+    interps: dict[int, Interpolation] = {3: "bicubic", 2: "bilinear", 0: "nearest"}
+    interp = interps.get(p.get("resample", 3), "bicubic")
     return PreprocessConfig(
         image_size=int(size),
         mean=tuple(p.get("image_mean", PreprocessConfig.mean)),

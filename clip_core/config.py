@@ -22,6 +22,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # can name them without importing torch.
 DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
+Activation = Literal["quick_gelu", "gelu"]
+Interpolation = Literal["bicubic", "bilinear", "nearest"]
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -64,7 +67,7 @@ class CLIPConfig:
     vision: VisionConfig
     text: TextConfig = field(default_factory=TextConfig)
     # OpenAI trained with x * sigmoid(1.702 x); most open_clip models use exact GELU.
-    act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    act: Activation = "quick_gelu"
     ln_eps: float = 1e-5
 
     @classmethod
@@ -131,7 +134,7 @@ class PreprocessConfig:
     image_size: int = 224
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    interpolation: Interpolation = "bicubic"
     # "shortest": resize the shorter side to image_size, then centre-crop (CLIP's way).
     resize_mode: Literal["shortest"] = "shortest"
 
@@ -151,14 +154,15 @@ class PreprocessConfig:
 
 def architecture_names() -> list[str]:
     """Names of the architectures shipped as JSON, e.g. 'ViT-B-32'."""
-    files = resources.files("clip_core").joinpath("configs").iterdir()
+    files = (resources.files("clip_core") / "configs").iterdir()
     return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
 
 
 def load_architecture(name: str) -> CLIPConfig:
     """Reads `configs/NAME.json`; OpenAI's spellings ('ViT-B/32', '@336px') are accepted."""
     file_name = name.replace("/", "-").replace("@", "-").removesuffix("px") + ".json"
-    path = resources.files("clip_core").joinpath("configs", file_name)
+    # `/` twice: Python 3.10's Traversable.joinpath takes a single name.
+    path = resources.files("clip_core") / "configs" / file_name
     if not path.is_file():
         from .errors import ModelNotFound
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from PIL import Image
 from .config import PreprocessConfig
 from .errors import InvalidInput
 from .preprocess import ImageTransform, open_image
-from .scenes import SceneGenerator
+from .scenes import SceneGenerator, Split
 from .tokenizer import Tokenizer
 
 
@@ -79,7 +79,7 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
 class SceneDataset(torch.utils.data.Dataset):
     """`length` procedural scenes of one seed; sample i is the same on every run."""
 
-    def __init__(self, seed: int, length: int, image_size: int, split: str = "train"):
+    def __init__(self, seed: int, length: int, image_size: int, split: Split = "train"):
         self.seed, self.length = seed, length
         self.generator = SceneGenerator(image_size, split=split)
 
@@ -124,8 +124,9 @@ class StepSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
 
-    def __iter__(self):
-        epoch, order = -1, None
+    def __iter__(self) -> Iterator[list[int]]:
+        # (n,) the current epoch's permutation; the first step always draws one (e >= 0).
+        epoch, order = -1, torch.empty(0, dtype=torch.long)
         for step in range(self.start, self.steps):
             e, k = divmod(step, self.per_epoch)
             if e != epoch:

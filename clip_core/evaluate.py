@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def evaluate_scenes(model: CLIP, preprocess: PreprocessConfig, *, seed: int = TE
         "colour+shape": [combos[j] for j in predict([with_article(f"{c} {s}")
                                                      for c, s in combos])],
     }
-    target = {"colour": [c for c, _ in truth], "shape": [s for _, s in truth],
+    target: dict[str, Sequence[object]] = {"colour": [c for c, _ in truth], "shape": [s for _, s in truth],
               "colour+shape": truth}
     chance = {"colour": 1 / len(colours), "shape": 1 / len(shapes),
               "colour+shape": 1 / len(combos)}

@@ -127,13 +127,11 @@ def fetch(
     except OSError as exc:
         raise DownloadError(url, target, f"cannot create {directory}: {exc}") from exc
 
-    own_client = client is None
-    http = httpx.Client(timeout=timeout) if own_client else client
-    try:
+    if client is not None:
+        _download(client, url, expected, target, progress=progress, timeout=timeout)
+        return target
+    with httpx.Client(timeout=timeout) as http:
         _download(http, url, expected, target, progress=progress, timeout=timeout)
-    finally:
-        if own_client:
-            http.close()
     return target
 
 

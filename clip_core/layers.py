@@ -215,7 +215,9 @@ class Transformer(nn.Module):
         for block in self.resblocks[:last]:
             x = block(x, causal=causal, packing=packing)
         if pool is not None:
-            x = self.resblocks[last].pooled(x, pool, causal, packing)
+            final = self.resblocks[last]
+            assert isinstance(final, ResidualAttentionBlock)  # the ModuleList holds only these
+            x = final.pooled(x, pool, causal, packing)
         return x
 
     def init_weights(self) -> None:
@@ -226,6 +228,7 @@ class Transformer(nn.Module):
         attn_std = self.width**-0.5
         fc_std = (2 * self.width) ** -0.5
         for block in self.resblocks:
+            assert isinstance(block, ResidualAttentionBlock)
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)

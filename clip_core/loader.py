@@ -51,8 +51,9 @@ def _random_model(name: str, arch: str, preprocess: PreprocessConfig | None) -> 
     return LoadedModel(name, model, preprocess, "random")
 
 
-def _builtin_file(entry: ModelEntry) -> Path:
-    file = Path(str(resources.files("clip_core").joinpath("weights", entry.builtin)))
+def _builtin_file(entry: ModelEntry, builtin: str) -> Path:
+    """`builtin`: the entry's file in clip_core/weights/."""
+    file = Path(str(resources.files("clip_core") / "weights" / builtin))
     if not file.is_file():
         raise ModelNotFound(
             f"{entry.name}: its weights {file} are missing from this installation; "
@@ -101,7 +102,7 @@ def load(
                 name = f"{entry.architecture}-random"
                 loaded = _random_model(name, entry.architecture, entry.preprocess)
             elif entry.builtin:
-                file = _builtin_file(entry)
+                file = _builtin_file(entry, entry.builtin)
                 model = build_model(read_checkpoint(file), load_architecture(entry.architecture))
                 loaded = LoadedModel(entry.name, model, entry.preprocess, str(file))
             else:

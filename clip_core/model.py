@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPConfig, TextConfig, VisionConfig
+from .config import Activation, CLIPConfig, TextConfig, VisionConfig
 from .layers import LayerNorm, Packing, Transformer, to_device
 from .resnet import ModifiedResNet
 from .vit import VisionTransformer
@@ -30,7 +30,7 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = cfg
         t = cfg.text
-        self.visual: nn.Module = (
+        self.visual: VisionTransformer | ModifiedResNet = (
             VisionTransformer(cfg) if cfg.vision.kind == "vit" else ModifiedResNet(cfg)
         )
         self.token_embedding = nn.Embedding(t.vocab_size, t.width)
@@ -124,7 +124,9 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
     return len(ids)
 
 
-def infer_config(state_dict: dict[str, torch.Tensor], act: str = "quick_gelu") -> CLIPConfig:
+def infer_config(
+    state_dict: dict[str, torch.Tensor], act: Activation = "quick_gelu"
+) -> CLIPConfig:
     """Reads every hyperparameter off the tensor shapes of an OpenAI-layout state dict.
 
     The activation cannot be seen in the weights; OpenAI's models use QuickGELU.

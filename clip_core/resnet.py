@@ -101,6 +101,7 @@ class ModifiedResNet(nn.Module):
         self.avgpool = nn.AvgPool2d(2)
 
         self._inplanes = width
+        assert isinstance(v.layers, tuple)  # VisionConfig checks a ResNet has four depths
         self.layer1 = self._stage(width, v.layers[0])
         self.layer2 = self._stage(width * 2, v.layers[1], stride=2)
         self.layer3 = self._stage(width * 4, v.layers[2], stride=2)
@@ -123,6 +124,7 @@ class ModifiedResNet(nn.Module):
         # Zero the last BN gain of each block so every residual branch starts as identity.
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
+                assert isinstance(block, Bottleneck)  # _stage builds nothing else
                 nn.init.zeros_(block.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -137,11 +137,11 @@ class SceneGenerator:
 
     def _shape(self, rng, colour, shape, large, x, y, radius) -> Shape:
         jitter = rng.integers(-18, 19, size=3)
-        rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
+        r, g, b = (int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
         spin = 360.0 if shape in ("star", "circle", "ring") else 30.0  # squares stay squares
         return Shape(shape, colour, "large" if large else "small", float(x), float(y),
                      float(radius) * rng.uniform(0.92, 1.08), float(rng.uniform(-spin, spin) / 2),
-                     rgb)
+                     (r, g, b))
 
     @staticmethod
     def _background(rng):
@@ -175,7 +175,7 @@ def _place(rng: np.random.Generator, n: int, radius: float) -> list[tuple[float,
         pts = rng.uniform(lo, hi, size=(n, 2))
         gaps = [np.hypot(*(pts[i] - pts[j])) for i in range(n) for j in range(i + 1, n)]
         if min(gaps) > 2 * radius * 1.15:
-            return [tuple(map(float, p)) for p in pts]
+            return [(float(x), float(y)) for x, y in pts]
     # Rare; a fixed row always fits the radii used here.
     return [((i + 0.5) / n, 0.5) for i in range(n)]
 
@@ -235,6 +235,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     """One caption, from varied templates."""
     s = scene.shapes[0]
     if len(scene.shapes) == 1:
+        assert scene.position is not None  # a lone shape always has one
         t = _ONE[rng.integers(len(_ONE))]
         cs = f"{s.colour} {s.shape}"
         return t.format(
@@ -257,6 +258,7 @@ def full_caption(scene: Scene) -> str:
     """The most specific caption, for retrieval: count, size, colour, shape and position."""
     s = scene.shapes[0]
     if len(scene.shapes) == 1:
+        assert scene.position is not None  # a lone shape always has one
         return f"{with_article(f'{s.size} {s.colour} {s.shape}')} {POSITIONS[scene.position][0]}"
     if len({(x.colour, x.shape) for x in scene.shapes}) == 1:
         return f"{COUNT_WORDS[len(scene.shapes)]} {s.size} {s.colour} {plural(s.shape)}"

@@ -106,13 +106,13 @@ def _read_merges(vocab_path: str | os.PathLike[str] | None) -> list[tuple[str, s
         data = gzip.decompress(data)
     lines = data.decode("utf-8").split("\n")
     # Line 0 is a "#version" header.
-    merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
-    if len(merges) < N_MERGES or any(len(m) != 2 for m in merges):
+    pairs = [line.split() for line in lines[1 : N_MERGES + 1]]
+    if len(pairs) < N_MERGES or any(len(p) != 2 for p in pairs):
         raise ValueError(
             f"{vocab_path or 'packaged vocabulary'}: expected {N_MERGES} merge lines of two "
             "symbols each after the header"
         )
-    return merges  # type: ignore[return-value]
+    return [(a, b) for a, b in pairs]
 
 
 def _build_vocab(
@@ -193,9 +193,10 @@ class Tokenizer:
         ranks come out of the heap in the same order. O(n log n) in the word's length, where
         the pass-per-rank loop is quadratic and a single 10,000-letter word took seconds.
         """
-        symbols: list[str | None] = [*word[:-1], word[-1] + _END_OF_WORD]
+        symbols = [*word[:-1], word[-1] + _END_OF_WORD]
         rank = self._rank
-        # Doubly linked list over positions; a merge keeps the left position.
+        # Doubly linked list over positions; a merge keeps the left position and empties
+        # the right one ("" is no symbol, so a pair holding it has no rank).
         nxt = [*range(1, len(symbols)), -1]
         prv = list(range(-1, len(symbols) - 1))
         heap = [(rank[pair], i) for i, pair in enumerate(pairwise(symbols)) if pair in rank]
@@ -204,10 +205,10 @@ class Tokenizer:
             r, i = heapq.heappop(heap)
             j = nxt[i]
             # Stale entry: position i was merged away or its pair has changed since the push.
-            if symbols[i] is None or j < 0 or rank.get((symbols[i], symbols[j])) != r:
+            if not symbols[i] or j < 0 or rank.get((symbols[i], symbols[j])) != r:
                 continue
             symbols[i] += symbols[j]
-            symbols[j] = None
+            symbols[j] = ""
             k = nxt[i] = nxt[j]
             if k >= 0:
                 prv[k] = i
@@ -216,7 +217,7 @@ class Tokenizer:
             h = prv[i]
             if h >= 0 and (r_prev := rank.get((symbols[h], symbols[i]))) is not None:
                 heapq.heappush(heap, (r_prev, h))
-        return tuple(self._id_of[s] for s in symbols if s is not None)
+        return tuple(self._id_of[s] for s in symbols if s)
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of the cleaned text, without sot and eot."""

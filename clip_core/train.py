@@ -119,7 +119,8 @@ def param_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
     Gains, biases, the temperature and the embeddings (token, positional, class) are left
     undecayed, as in the paper: decaying them shrinks scales the model needs.
     """
-    decay, keep = [], []
+    decay: list[torch.nn.Parameter] = []
+    keep: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -194,6 +195,7 @@ class Trainer:
             model, preprocess = loaded.model, loaded.preprocess
         else:
             arch = cfg.architecture
+            assert arch is not None  # TrainConfig asks for exactly one of architecture, init
             model = CLIP(CLIPConfig.from_dict(arch) if isinstance(arch, dict)
                          else load_architecture(arch))
             preprocess = PreprocessConfig(image_size=model.config.vision.image_size)
@@ -201,10 +203,11 @@ class Trainer:
             preprocess = PreprocessConfig.from_dict(cfg.preprocess)
         return model.float(), preprocess
 
-    def dataset(self) -> torch.utils.data.Dataset:
+    def dataset(self) -> SceneDataset | CaptionFolder:
         d = self.cfg.data
         if d.kind == "scenes":
             return SceneDataset(d.seed, d.size, self.preprocess.image_size)
+        assert d.root and d.captions  # TrainConfig checks a folder dataset names both
         return CaptionFolder(d.root, d.captions)
 
     def _save(self, final: bool = False) -> Path:

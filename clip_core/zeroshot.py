@@ -30,7 +30,8 @@ DEFAULT_TEMPLATES = (
 @cache
 def imagenet_templates() -> tuple[str, ...]:
     """The CLIP paper's 80 ImageNet prompts (see data/SOURCES.md)."""
-    text = resources.files("clip_core").joinpath("data", "imagenet_templates.json").read_text()
+    # `/` twice: Python 3.10's Traversable.joinpath takes a single name.
+    text = (resources.files("clip_core") / "data" / "imagenet_templates.json").read_text()
     return tuple(json.loads(text))
 
 

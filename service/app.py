@@ -65,8 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(Access, keys=settings.api_keys, metrics_auth=settings.metrics_auth,
                        limiter=limiter)
 
-    known = frozenset(getattr(r, "path", None) for router in (inference, health)
-                      for r in router.routes)
+    paths = (getattr(r, "path", None) for router in (inference, health) for r in router.routes)
+    known = frozenset(p for p in paths if isinstance(p, str))
     # Pure ASGI middleware throughout: Starlette's BaseHTTPMiddleware runs each request in
     # an extra task and re-streams its response, a cost paid on every small request.
     app.add_middleware(RequestMetrics, metrics=metrics, known_paths=known)

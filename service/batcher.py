@@ -160,7 +160,28 @@ class BatcherEvents(Protocol):
 
 
 class NoEvents(BatcherEvents):
-    """Every hook does nothing; subclass it and override the hooks you need."""
+    """Every hook does nothing; subclass it and override the hooks you need.
+
+    Spelled out because a type checker reads the protocol's body-less hooks as abstract.
+    """
+
+    def batch_done(self, kind: Kind, size: int, padded_tokens: int, compute_s: float) -> None:
+        pass
+
+    def batch_failed(self, kind: Kind, size: int, error: str) -> None:
+        pass
+
+    def stalled(self, kind: Kind, size: int) -> None:
+        pass
+
+    def items_dropped(self, kind: Kind, reason: str, n: int) -> None:
+        pass
+
+    def queue_depth(self, kind: Kind, n: int) -> None:
+        pass
+
+    def rejected(self, kind: Kind, n: int) -> None:
+        pass
 
 
 @contextlib.contextmanager

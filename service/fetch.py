@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -91,15 +92,18 @@ class UrlFetcher:
         """The body at `url`; UrlNotAllowed, FetchTooLarge or FetchFailed naming image
         `index`, never echoing the URL."""
         try:
-            async with asyncio.timeout(self.config.timeout_s):
-                data = await self._follow(url, index)
+            if sys.version_info >= (3, 11):
+                async with asyncio.timeout(self.config.timeout_s):
+                    data = await self._follow(url, index)
+            else:  # no asyncio.timeout yet; wait_for runs the fetch as a task of its own
+                data = await asyncio.wait_for(self._follow(url, index), self.config.timeout_s)
         except UrlNotAllowed:
             self._on_outcome("blocked")
             raise
         except FetchTooLarge:
             self._on_outcome("too_large")
             raise
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11 on, two before
             self._on_outcome("timeout")
             raise FetchFailed(f"image {index}: fetching the URL took longer than "
                               f"{self.config.timeout_s:g} s") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Generic, TypeVar
 
@@ -56,7 +57,7 @@ def decode_image_field(value: str, index: int) -> bytes | str:
     return raw
 
 
-def decode_images(sources: list[bytes | str]) -> list[bytes | str]:
+def decode_images(sources: Sequence[bytes | str]) -> list[bytes | str]:
     """File bytes as they are, text fields from base64 or a data URI; URLs as str."""
     out: list[bytes | str] = []
     for i, s in enumerate(sources):
@@ -69,7 +70,7 @@ def decode_images(sources: list[bytes | str]) -> list[bytes | str]:
     return out
 
 
-async def load_images(engine: Engine, sources: list[bytes | str]) -> list[bytes]:
+async def load_images(engine: Engine, sources: Sequence[bytes | str]) -> list[bytes]:
     """Every image's bytes: decoded from base64, or fetched from its URL."""
     return await engine.load_images(decode_images(sources))
 
@@ -92,15 +93,18 @@ class Decoded(Generic[M]):
     images: dict[str, list[bytes | str]]
 
 
-def _get(obj: object, path: str) -> object:
+def _images(body: BaseModel, path: str) -> list[bytes | str]:
+    """A copy of the image field at dotted `path` ("queries.images") of a JSON body."""
+    obj: object = body
     for key in path.split("."):
         obj = getattr(obj, key)
-    return obj
+    assert isinstance(obj, list)  # an image field is a list[str] (schemas.Images)
+    return list(obj)
 
 
 async def read_body(request: Request, raw: M | bytes, model: type[M], form: FormSpec) -> Decoded[M]:
     if isinstance(raw, BaseModel):
-        return Decoded(raw, {p: list(_get(raw, p)) for p in form.image_paths})
+        return Decoded(raw, {p: _images(raw, p) for p in form.image_paths})
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "multipart/form-data":
         raise UnsupportedMediaType("the body must be application/json or multipart/form-data")
@@ -130,15 +134,18 @@ async def _read_form(request: Request, form: FormSpec) -> tuple[dict, dict[str, 
             raise TooManyItems(f"the form has more than {limit} parts of one kind") from None
         raise InvalidRequest(f"multipart body: {e.detail}") from None
     try:
-        for name, value in parts.multi_items():
+        for name, part in parts.multi_items():
             field = form.fields.get(name)
             if field is None:
                 data[name] = None  # the model refuses it as an extra field
                 continue
-            if isinstance(value, UploadFile):
+            value: bytes | str
+            if isinstance(part, UploadFile):
                 if not field.image:
                     raise InvalidRequest(f"form field {name!r} takes text, not a file")
-                value = await value.read()
+                value = await part.read()
+            else:
+                value = part
             if field.image:
                 sources[field.path].append(value)
                 value = value if isinstance(value, str) else ""  # the model checks the count

@@ -157,8 +157,9 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, engine: EngineDep, req
     `modality: "image"` (an extra body field) reads every input as a base64 image or
     data URI. Texts longer than the model's context are truncated; `prompt_tokens`
     counts them in full."""
-    items = [body.input] if isinstance(body.input, str) else body.input
-    if not all(isinstance(x, str) for x in items):
+    given = [body.input] if isinstance(body.input, str) else body.input
+    items = [x for x in given if isinstance(x, str)]
+    if len(items) != len(given):
         raise InvalidRequest("token arrays are not supported; send the input as strings")
     engine.limits.check_count(len(items))
     if body.modality == "text":

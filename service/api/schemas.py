@@ -280,9 +280,9 @@ def _openapi_type(one: object, where: str) -> str:
     if get_origin(one) is Literal:
         kinds = {type(v) for v in get_args(one)}
         one = kinds.pop() if len(kinds) == 1 else None
-    if one not in _OPENAPI_TYPES:
+    if not isinstance(one, type) or one not in _OPENAPI_TYPES:
         raise TypeError(f"{where}: no form type for {one}")
-    return _OPENAPI_TYPES[one]  # type: ignore[index]
+    return _OPENAPI_TYPES[one]
 
 
 EMBED_FORM = FormSpec.of(EmbedRequest)
