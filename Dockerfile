@@ -33,6 +33,7 @@ RUN apt-get update \
 FROM base AS build
 ARG VARIANT
 ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 ARG CUDA_WHEELS=cu128
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -46,7 +47,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # most of the image and changes far less often than the code.
 RUN if [ "$VARIANT" = cpu ]; then wheels=cpu; else wheels="$CUDA_WHEELS"; fi \
  && pip install --index-url "https://download.pytorch.org/whl/$wheels" \
-        "torch==$TORCH_VERSION"
+        "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 COPY pyproject.toml README.md /src/
 COPY clip_core /src/clip_core
 COPY service /src/service

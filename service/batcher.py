@@ -262,6 +262,13 @@ class Request:
     items: list[WorkItem] = field(default_factory=list)
     closed: bool = False  # failed, expired or cancelled: its queued items are gone
 
+    def completed(self) -> list[ItemResult]:
+        """The results in order, once every item has one (`remaining == 0`)."""
+        done = [r for r in self.results if r is not None]
+        if len(done) != len(self.results):
+            raise RuntimeError(f"request {self.id} completed with {self.remaining} items left")
+        return done
+
 
 class CostModel:
     """How long a batch takes, learnt from finished batches: t = a + b*n for each kind.

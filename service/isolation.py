@@ -90,8 +90,8 @@ def run_isolated(kind: Kind, items: list[WorkItem], calls: BatchCalls) -> bool:
     if end is None:
         return False
     if len(values) != len(items):
-        err = RuntimeError(f"backend returned {len(values)} results for {len(items)}")
-        return _retry(kind, items, err, calls)
+        mismatch = RuntimeError(f"backend returned {len(values)} results for {len(items)}")
+        return _retry(kind, items, mismatch, calls)
     calls.succeeded(kind, items, end - start)
     calls.deliver([
         (it, ItemResult(v, it.taken_at - it.enqueued_at, end - it.taken_at, len(items)))

@@ -144,7 +144,7 @@ class ServedModels(Mapping[str, ServedModel]):
         s = self.settings
         n_cpu = devices.count("cpu")
         loaded_on: dict[str, LoadedModel] = {}  # CPU replicas share one copy of the weights
-        backends = []
+        backends: list[ClipBackend] = []
         for device in devices:
             loaded = loaded_on.get(device)
             if loaded is None:
@@ -162,6 +162,7 @@ class ServedModels(Mapping[str, ServedModel]):
                 nth = devices[:len(backends)].count("cpu")
                 backend.threads = thread_share(backend.cpu_threads, nth, n_cpu, alone=False)
             backends.append(backend)
+        assert loaded is not None  # settings never yield an empty device list
         # Named by the device each backend is on ("cuda" resolves to "cuda:0").
         labels = replica_labels([b.info.device for b in backends])
         workers = []

@@ -255,7 +255,7 @@ class ModelWorker:
             req.results[item.index] = outcome
             req.remaining -= 1
             if req.remaining == 0:
-                req.future.set_result(req.results)
+                req.future.set_result(req.completed())
 
     def _expire(self, req: Request) -> None:
         n = len(req.items)

@@ -11,6 +11,7 @@ import pytest
 from deploy_helpers import (
     COMPONENTS,
     OVERLAYS,
+    REPO,
     find,
     kustomize,
     kustomize_with,
@@ -193,6 +194,29 @@ def test_gpu_overlay_requests_a_gpu(gpu_objects):
         pod["tolerations"]
     assert _settings(gpu_objects)["CLIP_DEVICE"] == "cuda"
     assert container["image"].endswith(":cuda")
+
+
+def test_gpu_overlay_cpus_cover_the_decoders_and_the_model(gpu_objects):
+    """The pod's CPU request holds the decode pool, the serving threads and the event loop,
+    and images are decoded on the GPU, where a CPU pool could not keep up."""
+    settings = Settings(**{k.removeprefix("CLIP_").lower(): v
+                           for k, v in _settings(gpu_objects).items()})
+    cpus = float(_container(gpu_objects)["resources"]["requests"]["cpu"])
+    assert settings.torch_threads is not None
+    assert cpus >= settings.prepare_workers + settings.torch_threads
+    assert settings.preprocess == "device" and settings.cuda_graphs
+    memory = _container(gpu_objects)["resources"]
+    assert memory["requests"]["memory"] == memory["limits"]["memory"]
+
+
+def test_cuda_image_wheels_match_its_cuda_base():
+    """The torch wheel index (cuXYZ) is the CUDA version of the base image, and
+    torchvision, which the device preprocessing needs, is installed beside torch."""
+    text = (REPO / "Dockerfile").read_text()
+    wheels = re.search(r"ARG CUDA_WHEELS=cu(\d+)", text).group(1)
+    base = re.search(r"FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-", text)
+    assert wheels == base.group(1) + base.group(2)
+    assert re.search(r'"torchvision==\$TORCHVISION_VERSION"', text)
 
 
 def test_cpu_overlay_asks_for_no_gpu():
