@@ -176,7 +176,9 @@ class ClipBackend:
         if self._stream is None:
             yield
             return
-        with torch.cuda.stream(self._stream):
+        # The device too: with several GPUs each serving thread must address its own, and
+        # calls that use the current device (empty_cache, new streams) must follow it.
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             yield
 
     # ---- the Backend protocol ----
@@ -329,7 +331,8 @@ class ClipBackend:
         # Out of the except block, so the traceback's frames and their tensors are gone
         # before the cache is emptied.
         if self._cuda:
-            torch.cuda.empty_cache()
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()
         log.debug("model %s: out of memory on a %s batch of %d: %s", self.info.name, kind, n,
                   reason)
         raise OutOfMemory(f"a {kind} batch of {n} does not fit on {self.device}")
