@@ -747,7 +747,8 @@ def test_batcher_and_cache_import_neither_torch_nor_fastapi():
         "import json, sys\n"
         "import service.batcher, service.worker, service.cache, service.errors\n"
         "import service.scheduler, service.admission, service.isolation, service.dispatch\n"
-        "import service.streams, service.watchdog, service.idle\n"
+        "import service.streams, service.watchdog, service.idle, service.replicas\n"
+        "import service.device_errors\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
