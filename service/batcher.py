@@ -77,7 +77,7 @@ class BatcherConfig:
     image_share: float = 0.5  # of batches, when both modalities are waiting
     length_lookahead: int = 512  # queued texts considered when grouping by length
     oom_regrow_batches: int = 100  # successful batches before a shrunk limit grows 25%
-    # A batch running longer is abandoned: its requests fail (WorkerStalled) and a fresh
+    # A batch running longer is abandoned: its requests fail (BatchStalled) and a fresh
     # thread serves the queue; the stuck one exits when its call returns.
     stall_timeout_s: float | None = None
     max_abandoned_threads: int = 2  # stuck threads tolerated before the worker stops

@@ -179,7 +179,10 @@ class Dispatcher:
         A stream waits while a stream before it is idle: that one serves first.
         """
         with self._cond:
-            while not self._stopping and self._running and self.streams.is_current(stream, gen):
+            # Not after `fail`: a device that failed computes nothing more, and the queue
+            # is answered with WorkerUnavailable (retryable), not with its error.
+            while (not self._stopping and self._running and not self._failed
+                   and self.streams.is_current(stream, gen)):
                 if self.streams.idle_before(stream):
                     self._cond.wait()
                     continue

@@ -79,11 +79,14 @@ def run_isolated(kind: Kind, items: list[WorkItem], calls: BatchCalls) -> bool:
     try:
         values = calls.run(kind, [it.payload for it in items])
     except Exception as err:
-        if calls.call_ended() is None:
-            return False
+        ended = calls.call_ended()
+        # A broken device fails the worker even when the watchdog gave up on this call:
+        # the thread that replaced it would otherwise serve on the same broken context.
         if isinstance(err, DeviceFailed):
             calls.failed(kind, items, err)
             calls.device_failed(kind, items, err)
+            return False
+        if ended is None:
             return False
         return _retry(kind, items, err, calls)
     end = calls.call_ended()

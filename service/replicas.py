@@ -77,8 +77,22 @@ class Replicas:
         self.devices = list(devices)
 
     async def start(self) -> None:
-        """Warm every replica up, one after the other; if one fails, those started stop
-        and its WorkerUnavailable propagates (a model is served whole or not at all)."""
+        """Warm every replica up; if one fails, those started stop and its
+        WorkerUnavailable propagates (a model is served whole or not at all).
+
+        CUDA replicas warm up side by side, each on its own device (graph capture of every
+        bucket would otherwise make start-up grow with the number of GPUs); CPU replicas
+        one after the other, as they share the cores."""
+        if len(self.workers) > 1 and all(d.startswith("cuda") for d in self.devices):
+            results = await asyncio.gather(*(w.start() for w in self.workers),
+                                           return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                started = [w for w, r in zip(self.workers, results, strict=True)
+                           if not isinstance(r, BaseException)]
+                await asyncio.gather(*(w.drain(0.0) for w in started), return_exceptions=True)
+                raise errors[0]
+            return
         started: list[ModelWorker] = []
         try:
             for worker in self.workers:

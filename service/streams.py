@@ -152,9 +152,11 @@ class ServingThread:
         # Failed before anyone hears back, so that a caller answered with this error
         # finds the worker failed (/healthz 503) at once.
         self._ctx.dispatcher.fail()
-        left = [it for it in (self._batch or items) if it.state is ItemState.TAKEN]
-        self.deliver([(it, error) for it in left])
-        self._ctx.device_failed(error)
+        try:
+            left = [it for it in (self._batch or items) if it.state is ItemState.TAKEN]
+            self.deliver([(it, error) for it in left])
+        finally:  # whatever happens above, nothing more is computed on this device
+            self._ctx.device_failed(error)
 
     def out_of_memory(self, kind: Kind, items: list[WorkItem]) -> None:
         limit = self._ctx.dispatcher.out_of_memory(kind, items)

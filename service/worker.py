@@ -320,6 +320,8 @@ class ModelWorker:
                 self._events.items_dropped(kind, "stopped", len(items))
                 self._events.queue_depth(kind, 0)
         self._post(self._fail_all, f"model {self.name} stopped")
+        # A worker that stops before its warm-up finished must not leave `start` waiting.
+        self._post(self._set_started, WorkerUnavailable(f"model {self.name} stopped"))
 
     def _stalled(self, stall: Stall) -> bool:
         """Watchdog thread: fail the abandoned batch's requests and let a new thread serve

@@ -54,6 +54,53 @@ async def _replicas(*backends: FakeBackend) -> Replicas:
     return replicas
 
 
+class _Rendezvous(FakeBackend):
+    """Each warm-up waits until every replica's warm-up has begun: it passes only if they
+    run side by side, and fails (after a bounded wait) if they run one after another."""
+
+    def __init__(self, barrier: threading.Barrier, fail: bool = False):
+        super().__init__()
+        self._barrier, self._fail = barrier, fail
+
+    def warmup(self) -> None:
+        self._barrier.wait(timeout=10)
+        if self._fail:
+            raise RuntimeError("fake: warm-up failed on this device")
+        super().warmup()
+
+
+def test_cuda_replicas_warm_up_side_by_side():
+    barrier = threading.Barrier(2)
+    backends = [_Rendezvous(barrier), _Rendezvous(barrier)]
+
+    async def scenario():
+        workers = [ModelWorker(b, BatcherConfig(), name=f"fake@cuda:{i}")
+                   for i, b in enumerate(backends)]
+        replicas = Replicas(workers, ["cuda:0", "cuda:1"])
+        await replicas.start()  # one after another would break the barrier
+        assert all(b.warmed_up for b in backends) and replicas.ready
+        assert await replicas.drain(2.0)
+
+    run(scenario)
+
+
+def test_a_cuda_replica_that_fails_to_warm_up_stops_the_others():
+    barrier = threading.Barrier(2)
+    backends = [_Rendezvous(barrier), _Rendezvous(barrier, fail=True)]
+
+    async def scenario():
+        workers = [ModelWorker(b, BatcherConfig(), name=f"fake@cuda:{i}")
+                   for i, b in enumerate(backends)]
+        replicas = Replicas(workers, ["cuda:0", "cuda:1"])
+        with pytest.raises(WorkerUnavailable):
+            await replicas.start()
+        assert not workers[0].ready  # started, then stopped again
+        with pytest.raises(WorkerUnavailable):
+            await replicas.submit_many("image", ["x"])
+
+    run(scenario)
+
+
 def test_a_request_goes_to_the_less_loaded_replica():
     first, second = FakeBackend(), FakeBackend()
 

@@ -154,6 +154,21 @@ def test_each_idle_stream_takes_its_share_through_the_dispatcher():
     assert d.streams.idle() == 1 and d.streams.busy
 
 
+def test_after_a_device_failure_no_stream_takes_another_batch():
+    """Between the failure and the threads' stop, a second stream must not run queued work
+    on the broken device: those items are to be refused (retryable), not failed by it."""
+    d = Dispatcher(BatcherConfig(streams=2, max_batch_size=4), name="fake",
+                   release_hook=None, clock=FakeClock(5.0))
+    d.started()
+    d.warmed()
+    req, items = _request("a", 8, seq0=0, now=5.0)
+    d.admit(req, items)
+    assert isinstance(d.next_step(0, 0), Batch)  # stream 0 computes; its device breaks
+    d.fail()
+    assert d.next_step(1, 0) is None  # stream 1 ends instead of taking the rest
+    assert d.queue.outstanding == 8 and not d.queue.empty  # left for stop() to refuse
+
+
 def test_a_stalled_stream_is_replaced_while_the_other_keeps_serving():
     backend = PlacingBackend(hang_on={"stuck"})
 
