@@ -88,9 +88,9 @@ class Replicas:
                                            return_exceptions=True)
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
-                started = [w for w, r in zip(self.workers, results, strict=True)
-                           if not isinstance(r, BaseException)]
-                await asyncio.gather(*(w.drain(0.0) for w in started), return_exceptions=True)
+                warm = [w for w, r in zip(self.workers, results, strict=True)
+                        if not isinstance(r, BaseException)]
+                await asyncio.gather(*(w.drain(0.0) for w in warm), return_exceptions=True)
                 raise errors[0]
             return
         started: list[ModelWorker] = []
