@@ -57,7 +57,7 @@ bench-service: install
 GPU_WHEELS ?= fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 \
 	pydantic-settings==2.16.3 python-dotenv==1.2.4 uvicorn==0.55.0 httptools==0.9.0 \
 	python-multipart==0.0.34 ftfy==6.3.1 wcwidth==0.9.4 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
+	typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2 orjson==3.13.0
 GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
 	manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
 

@@ -24,6 +24,7 @@ from .fetch import FetchConfig, UrlFetcher
 from .limits import Limits
 from .metrics import Metrics
 from .models import ServedModel, ServedModels
+from .prepare import ImageSource
 from .settings import Settings
 
 _CLASSIFIERS_KEPT = 64  # label sets per model; each is (labels, E) floats
@@ -53,10 +54,10 @@ class Similarity:
 
 @dataclass(frozen=True)
 class Items:
-    """One side of a similarity: texts, or else image bytes."""
+    """One side of a similarity: texts, or else images (bytes or base64)."""
 
     texts: Sequence[str] = ()
-    images: Sequence[bytes] = ()
+    images: Sequence[ImageSource] = ()
 
 
 @dataclass
@@ -142,9 +143,11 @@ class Engine:
                               prepared.truncated)
 
     async def embed_images(
-        self, m: ServedModel, images: list[bytes], deadline: float, *, normalize: bool = False
+        self, m: ServedModel, images: Sequence[ImageSource], deadline: float, *,
+        normalize: bool = False,
     ) -> np.ndarray:
-        """(N, E) fp32 embeddings of encoded images, in order."""
+        """(N, E) fp32 embeddings of encoded images (bytes, or base64 that the decode
+        pool decodes), in order."""
         # Decoding and resizing take CPU that accepted requests need: under overload,
         # refuse before it, so that refusing stays cheap.
         m.worker.check_admission("image", len(images))
@@ -154,8 +157,9 @@ class Engine:
         values = np.stack([r.value for r in results]).astype(np.float32, copy=False)
         return unit(values) if normalize else values
 
-    async def load_images(self, sources: list[bytes | str]) -> list[bytes]:
-        """Image bytes, with URL sources fetched (when URL inputs are on) concurrently."""
+    async def load_images(self, sources: list[ImageSource | str]) -> list[ImageSource]:
+        """The sources with URLs (str) fetched into bytes (when URL inputs are on),
+        concurrently; bytes and base64 pass as they are."""
         urls = [i for i, s in enumerate(sources) if isinstance(s, str)]
         if not urls:
             return sources  # type: ignore[return-value]
@@ -181,7 +185,7 @@ class Engine:
     # ---- zero-shot labels and similarity ----
 
     async def classify(
-        self, m: ServedModel, images: list[bytes], labels: list[str],
+        self, m: ServedModel, images: Sequence[ImageSource], labels: list[str],
         templates: list[str] | None, deadline: float,
     ) -> LabelScores:
         """Each image scored against every label (clip_core.zeroshot.scores)."""

@@ -16,6 +16,8 @@ Errors name the offending input by its index in the request ("image 3: ...").
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import io
 import logging
 from collections.abc import Sequence
@@ -32,7 +34,7 @@ from clip_core.preprocess import DECODE_FORMATS, ImageTransform, open_image
 from clip_core.tensor_preprocess import takes_tensor_path
 from clip_core.tokenizer import Tokenizer, TokenRows
 
-from .errors import ImageFormatNotAllowed, ImageTooLarge
+from .errors import EmptyInput, ImageFormatNotAllowed, ImageTooLarge, InvalidRequest
 from .tuning import lower_priority
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,32 @@ class EncodedImage:
 
 
 ImagePayload = torch.Tensor | EncodedImage
+
+
+@dataclass(frozen=True, eq=False)
+class Base64Image:
+    """An image still in base64, as a JSON or form field sent it: `text[start:]` (a data
+    URI's payload starts past its header). `ImagePreparer` decodes it in its pool, so the
+    event loop only hands the string over: decoding costs time linear in the body, which
+    would hold up every other request on the loop."""
+
+    text: str
+    start: int = 0
+
+    def decode(self, index: int) -> bytes:
+        """Blocking: the image's bytes; InvalidRequest (or EmptyInput) naming image
+        `index`, never echoing the field."""
+        data = self.text[self.start:] if self.start else self.text
+        try:
+            raw = base64.b64decode(data.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"image {index}: not valid base64") from None
+        if not raw:
+            raise EmptyInput(f"image {index} is empty")
+        return raw
+
+
+ImageSource = ImageBytes | Base64Image
 
 
 def sniff(data: ImageBytes) -> str | None:
@@ -130,12 +158,14 @@ class ImagePreparer:
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="prepare-image",
                                             initializer=lower_priority)
 
-    async def prepare(self, images: Sequence[ImageBytes]) -> list[ImagePayload]:
+    async def prepare(self, images: Sequence[ImageSource]) -> list[ImagePayload]:
         """One payload per image, in order: a uint8 (3, S, S) tensor, or in device mode
-        an `EncodedImage` for a JPEG the device decodes.
+        an `EncodedImage` for a JPEG the device decodes. A `Base64Image` is decoded from
+        base64 first, in the pool.
 
         The first failure (lowest index among those seen) is raised as ImageDecodeError,
-        InvalidInput, ImageTooLarge or ImageFormatNotAllowed naming the image, and images
+        InvalidInput, ImageTooLarge, ImageFormatNotAllowed or (bad base64)
+        InvalidRequest naming the image, and images
         not yet started are not decoded. Cancelling the caller likewise drops the queued ones.
         """
         if not images:
@@ -154,9 +184,11 @@ class ImagePreparer:
             for f in futures:
                 f.cancel()  # no-op when done; a running decode finishes, unused
 
-    def prepare_one(self, index: int, data: ImageBytes) -> ImagePayload:
+    def prepare_one(self, index: int, data: ImageSource) -> ImagePayload:
         """Blocking: check, decode, orient, resize and crop image `index` of a request;
         in device mode, a JPEG the device decodes is only checked."""
+        if isinstance(data, Base64Image):
+            data = data.decode(index)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"image {index} is {type(data).__name__}, expected bytes")
         try:

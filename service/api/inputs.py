@@ -11,8 +11,6 @@ Image sources stay undecoded until the route has checked the request's limits.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core import Engine
 from ..errors import EmptyInput, InvalidRequest, TooManyItems, UnsupportedMediaType
+from ..prepare import Base64Image, ImageSource
 from .schemas import FormSpec
 
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
@@ -34,10 +33,11 @@ _URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")  # base64 never holds ':'
 M = TypeVar("M", bound=BaseModel)
 
 
-def decode_image_field(value: str, index: int) -> bytes | str:
-    """The bytes of one image field, or the URL it holds (a str, fetched later);
-    InvalidRequest naming the field, never echoing it."""
-    data = value
+def image_source(value: str, index: int) -> Base64Image | str:
+    """One image field as the engine takes it: base64 left undecoded (the decode pool
+    decodes it, see `service.prepare.Base64Image`), or the URL it holds (a str, fetched
+    later). O(1) here beyond the URL and data-URI prefixes; InvalidRequest naming the
+    field, never echoing it."""
     if _URL.match(value):
         return value.strip()
     if value[:5].lower() == "data:":
@@ -47,22 +47,16 @@ def decode_image_field(value: str, index: int) -> bytes | str:
         mime = (m.group("mime") or "").lower()
         if not mime.startswith("image/"):
             raise InvalidRequest(f"image {index}: data URI type {mime or 'none'!r} is not an image")
-        data = value[m.end() :]
-    try:
-        raw = base64.b64decode(data.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"image {index}: not valid base64") from None
-    if not raw:
-        raise EmptyInput(f"image {index} is empty")
-    return raw
+        return Base64Image(value, m.end())
+    return Base64Image(value)
 
 
-def decode_images(sources: Sequence[bytes | str]) -> list[bytes | str]:
-    """File bytes as they are, text fields from base64 or a data URI; URLs as str."""
-    out: list[bytes | str] = []
+def image_sources(sources: Sequence[bytes | str]) -> list[ImageSource | str]:
+    """File bytes as they are, text fields as `image_source` reads them."""
+    out: list[ImageSource | str] = []
     for i, s in enumerate(sources):
         if isinstance(s, str):
-            out.append(decode_image_field(s, i))
+            out.append(image_source(s, i))
         elif not s:
             raise EmptyInput(f"image {i} is empty")
         else:
@@ -70,9 +64,9 @@ def decode_images(sources: Sequence[bytes | str]) -> list[bytes | str]:
     return out
 
 
-async def load_images(engine: Engine, sources: Sequence[bytes | str]) -> list[bytes]:
-    """Every image's bytes: decoded from base64, or fetched from its URL."""
-    return await engine.load_images(decode_images(sources))
+async def load_images(engine: Engine, sources: Sequence[bytes | str]) -> list[ImageSource]:
+    """Every image's bytes, or its base64 for the decode pool; URLs fetched."""
+    return await engine.load_images(image_sources(sources))
 
 
 def _raw_passes(value: object, handler):
