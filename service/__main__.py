@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from .app import create_app, drain
 from .settings import Settings
+from .tuning import name_os_threads
 
 log = logging.getLogger("service")
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clip-serve: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    name_os_threads()  # per-thread CPU in /proc, by name (loadtests/ceiling.py reads it)
     # Pillow's decompression-bomb warning is an error in the server process (the image
     # preparer also checks the size itself, whatever the filters say).
     warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -84,6 +84,9 @@ class BackendInfo:
     device: str  # "cpu", "cuda:0"
     dtype: str  # "float32", "float16", "bfloat16"
     context_length: int  # most tokens per text, sot and eot included
+    # What computes the embeddings: "torch" (this module), "null" (service.null_backend,
+    # meaningless vectors for measuring the serving layer).
+    engine: str = "torch"
 
 
 class ClipBackend:

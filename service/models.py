@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clip_core.config import PreprocessConfig
 from clip_core.errors import ModelNotFound
 from clip_core.loader import LoadedModel, load
 from clip_core.tokenizer import Tokenizer
@@ -21,6 +22,7 @@ from clip_core.tokenizer import Tokenizer
 from .backend import BackendInfo, ClipBackend
 from .errors import ModelUnavailable
 from .metrics import Metrics
+from .null_backend import NullBackend, model_shape
 from .prepare import ImagePreparer, TextPreparer
 from .replicas import Replicas, replica_labels, resolve_devices
 from .settings import Settings
@@ -28,6 +30,9 @@ from .tuning import default_streams, in_passing_thread, thread_share
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
+
+# What computes a model's embeddings, by Settings.engine: its weights, or nothing.
+ModelBackend = ClipBackend | NullBackend
 
 
 @dataclass
@@ -42,7 +47,7 @@ class ServedModel:
     texts: TextPreparer
 
     @property
-    def backend(self) -> ClipBackend:
+    def backend(self) -> ModelBackend:
         """The first replica's backend: every replica has the same weights, so the same
         `info` but for the device, and the same `logit_scale`."""
         return self.worker.workers[0].backend  # type: ignore[return-value]
@@ -142,27 +147,17 @@ class ServedModels(Mapping[str, ServedModel]):
 
     async def _load(self, spec: str, devices: list[str], tokenizer: Tokenizer) -> ServedModel:
         s = self.settings
+        if s.engine == "null":
+            name, preprocess, backends = await self._null_backends(spec, devices)
+        else:
+            name, preprocess, backends = await self._torch_backends(spec, devices)
         n_cpu = devices.count("cpu")
-        loaded_on: dict[str, LoadedModel] = {}  # CPU replicas share one copy of the weights
-        backends: list[ClipBackend] = []
-        for device in devices:
-            loaded = loaded_on.get(device)
-            if loaded is None:
-                loaded = loaded_on[device] = await in_passing_thread(
-                    load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
-                    offline=s.offline, random_weights=s.random_weights, progress=False,
-                )
-            backend = ClipBackend(loaded, threads=s.torch_threads,
-                                  warmup_images=s.max_batch_size,
-                                  warmup_tokens=s.max_batch_tokens,
-                                  preprocess=s.preprocess, cuda_graphs=s.cuda_graphs)
+        for i, (device, backend) in enumerate(zip(devices, backends, strict=True)):
             if device == "cpu" and n_cpu > 1:
                 # Replicas side by side split the cores evenly, as streams do; each one
                 # shares its part out over its own streams (service.replicas).
-                nth = devices[:len(backends)].count("cpu")
+                nth = devices[:i].count("cpu")
                 backend.threads = thread_share(backend.cpu_threads, nth, n_cpu, alone=False)
-            backends.append(backend)
-        assert loaded is not None  # settings never yield an empty device list
         # Named by the device each backend is on ("cuda" resolves to "cuda:0").
         labels = replica_labels([b.info.device for b in backends])
         workers = []
@@ -170,20 +165,52 @@ class ServedModels(Mapping[str, ServedModel]):
             batching = dataclasses.replace(s.batcher(),
                                            streams=s.streams or default_streams(backend))
             if backend.device.type == "cpu":
-                log.info("model %s on %s: %d CPU threads, %d stream(s)", loaded.name, label,
+                log.info("model %s on %s: %d CPU threads, %d stream(s)", name, label,
                          backend.cpu_threads, batching.streams)
-            name = loaded.name if len(backends) == 1 else f"{loaded.name}@{label}"
-            workers.append(ModelWorker(backend, batching, name=name,
-                                       events=self.metrics.for_worker(loaded.name, label)))
+            worker_name = name if len(backends) == 1 else f"{name}@{label}"
+            workers.append(ModelWorker(backend, batching, name=worker_name,
+                                       events=self.metrics.for_worker(name, label)))
         replicas = Replicas(workers, labels)
         await replicas.start()  # WorkerUnavailable when a warm-up fails; nothing is kept
         images = ImagePreparer(
-            loaded.preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
+            preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
             max_frames=s.max_image_frames, formats=s.image_formats,
             exif_orientation=s.exif_orientation, mode=s.preprocess,
         )
-        return ServedModel(name=loaded.name, worker=replicas, images=images,
+        return ServedModel(name=name, worker=replicas, images=images,
                            texts=TextPreparer(tokenizer))
+
+    async def _torch_backends(self, spec: str, devices: list[str],
+                              ) -> tuple[str, PreprocessConfig, list[ModelBackend]]:
+        """The model's weights on each device (CPU replicas share one copy), a
+        `ClipBackend` each; the model's name and the preprocessing its weights carry."""
+        s = self.settings
+        loaded_on: dict[str, LoadedModel] = {}
+        backends: list[ModelBackend] = []
+        for device in devices:
+            loaded = loaded_on.get(device)
+            if loaded is None:
+                loaded = loaded_on[device] = await in_passing_thread(
+                    load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
+                    offline=s.offline, random_weights=s.random_weights, progress=False,
+                )
+            backends.append(ClipBackend(loaded, threads=s.torch_threads,
+                                        warmup_images=s.max_batch_size,
+                                        warmup_tokens=s.max_batch_tokens,
+                                        preprocess=s.preprocess, cuda_graphs=s.cuda_graphs))
+        return loaded.name, loaded.preprocess, backends
+
+    async def _null_backends(self, spec: str, devices: list[str],
+                             ) -> tuple[str, PreprocessConfig, list[ModelBackend]]:
+        """A `NullBackend` per device from the model's shapes alone: no weights, no model."""
+        shape = await in_passing_thread(model_shape, spec)  # a checkpoint path is read
+        log.warning("model %s is served by the null engine: its embeddings are hashed from "
+                    "the inputs and mean nothing (serving-layer benchmarks only)", shape.name)
+        s = self.settings
+        backends: list[ModelBackend] = [
+            NullBackend(shape, device=device, threads=s.torch_threads, preprocess=s.preprocess)
+            for device in devices]
+        return shape.name, shape.preprocess, backends
 
     @property
     def ready(self) -> bool:

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     cache_dir: Path | None = None  # where downloaded weights live
+    # What computes embeddings. torch: the model. null: no model and no weights, only the
+    # named model's shapes; each embedding is a unit vector hashed from its input, so the
+    # serving layer's own ceiling can be measured (loadtests/ceiling.py). Never serve it.
+    engine: Literal["torch", "null"] = "torch"
     offline: bool = False  # never download weights
 
     # Batching (see service.batcher.BatcherConfig)

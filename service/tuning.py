@@ -17,6 +17,9 @@ with the reason it is needed; docs/benchmarks.md says how much each one measured
   (`default_streams`).
 - Decoding threads run at a lower priority (`lower_priority`), so that they take only
   what the model leaves of a core.
+- Names. Every thread the server starts carries its Python name in the OS as well
+  (`name_os_threads`), so per-thread CPU in /proc/PID/task, `top -H` and profilers tell
+  the event loop (the main thread), the decode pool and the serving threads apart.
 - Memory. MKL's per-thread GEMM buffer pools are off (`environment_defaults`), and the C
   heap's free pages go back to the system after a burst (`release_heap`).
 
@@ -113,6 +116,29 @@ def lower_priority() -> None:
                        min(19, os.getpriority(os.PRIO_PROCESS, tid) + DECODER_NICENESS))
 
 
+def name_os_threads() -> None:
+    """From now on, each thread started with `threading` gives the OS its Python name
+    ("prepare-image_0", "model-worker-..."), cut to the 15 bytes Linux keeps.
+
+    Python 3.11 names no OS thread, so all of them read "python" in /proc/PID/task/TID/comm.
+    threading.setprofile is the one hook that runs inside every new thread before its
+    target; it names the thread and removes itself at its first event.
+    """
+    if _PRCTL is None:
+        return
+
+    def name_then_forget(frame: Any, event: str, arg: Any) -> None:
+        sys.setprofile(None)
+        _name_os_thread(threading.current_thread().name)
+
+    threading.setprofile(name_then_forget)
+
+
+def _name_os_thread(name: str) -> None:
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_NAME, name.encode("utf-8", "replace")[:15], 0, 0, 0)
+
+
 def release_heap() -> None:
     """Give the C heap's free pages back to the system.
 
@@ -137,3 +163,22 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _find_malloc_trim()
+
+_PR_SET_NAME = 15  # prctl option: the calling thread's name, 16 bytes with its NUL
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    """Linux's prctl, or None elsewhere."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (AttributeError, OSError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _find_prctl()

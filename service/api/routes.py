@@ -217,13 +217,13 @@ async def models(engine: EngineDep) -> ModelList:
     for spec in engine.models.unavailable:
         cards.append(ModelCard(name=spec, dimension=0, image_size=0, context_length=0,
                                device="none", devices=[], dtype="none",
-                               status="unavailable"))
+                               engine=engine.models.settings.engine, status="unavailable"))
     for m in engine.models.values():
         info = m.info
         cards.append(ModelCard(
             name=info.name, dimension=info.embed_dim, image_size=info.image_size,
             context_length=info.context_length, device=",".join(m.devices),
-            devices=m.devices, dtype=info.dtype,
+            devices=m.devices, dtype=info.dtype, engine=info.engine,
             status="ready" if m.ready else "unavailable",
         ))
     return ModelList(data=cards)

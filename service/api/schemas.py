@@ -185,6 +185,7 @@ class ModelCard(BaseModel):
     device: str  # the devices, comma-separated: "cuda:0", or "cuda:0,cuda:1"
     devices: list[str]  # one per replica: the model serves on each (see CLIP_DEVICE)
     dtype: str
+    engine: str  # torch; null: embeddings hashed from the inputs, meaningless (CLIP_ENGINE)
     status: Literal["ready", "loading", "unavailable"]
 
 

@@ -1,0 +1,548 @@
+"""The serving layer's own ceiling: clip-serve with the null engine (CLIP_ENGINE=null: the
+named model's shapes, no model) on 127.0.0.1, closed-loop load from client processes, one
+phase per request shape:
+
+    images-json/float ...   64 JPEGs as base64 strings in JSON, float embeddings back
+    images-json/base64      the same, embeddings as base64 float32
+    images-datauri/...      64 JPEGs as data URIs in JSON
+    images-multipart/...    64 JPEGs as multipart/form-data files
+    texts64/float, texts64/base64   64 unique captions per request
+    text1/float             one unique caption per request
+
+    python loadtests/ceiling.py --json out/ceiling.json
+    python loadtests/ceiling.py --quick                  # seconds: a smoke test
+    python loadtests/ceiling.py --server-env CLIP_PREPROCESS=device   # no decoding here
+
+Per phase: items/s, latency percentiles, and CPU per item, read from /proc at the measured
+window's two ends: the server's by thread, grouped by the thread's name (the server names
+its OS threads, service.tuning.name_os_threads): the event loop (the main thread), the
+pools (image decoding; the loop's default executor, which tokenises large requests), the
+model's serving threads, the rest; and the load generator's processes. Then the projection
+to a 16-core GPU host: each item's budget at the goals (5,000 images/s, 20,000 texts/s),
+and how many event loops and cores they would need at the measured CPU per item.
+
+The images are the load tests' photo-like ~640x480 JPEGs (workloads.py); each client builds
+a few bodies before its phase and sends them in turn. Texts are unique, so the text cache
+never answers. Every run is bounded (MAX_PHASE_S per phase, MAX_REPEATS) and sends only to
+the server it started on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+from serverproc import ServerProcess, cpu_s
+from stats import Record, summarise
+from workloads import Captions, image_pool
+
+MAX_PHASE_S = 120.0  # warm-up + duration of one phase
+MAX_REPEATS = 5
+GOALS = {"images": 5_000.0, "texts": 20_000.0}  # items/s on one GPU host (issue 18)
+GPU_HOST_CORES = 16
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    kind: str  # "images" or "texts"
+    form: str  # images: "json", "datauri", "multipart"; texts: "json"
+    encoding: str  # "float" or "base64"
+    items: int  # per request
+
+
+def phases(images: int) -> list[Phase]:
+    out = [Phase(f"images-{form}/{enc}", "images", form, enc, images)
+           for form in ("json", "datauri", "multipart") for enc in ("float", "base64")]
+    out += [Phase(f"texts{images}/{enc}", "texts", "json", enc, images)
+            for enc in ("float", "base64")]
+    out.append(Phase("text1/float", "texts", "json", "float", 1))
+    return out
+
+
+# ---- the client processes ----
+
+class Bodies:
+    """The next request body of a phase and its content type: image bodies are built once
+    (building one costs the client more than sending it) and sent in turn; texts are fresh
+    captions each time."""
+
+    def __init__(self, phase: Phase, pool_size: int, seed: int):
+        self.phase = phase
+        self._captions = Captions(seed)
+        self._tag = f"c{seed}"  # no two clients send the same caption
+        self._built: list[tuple[bytes, str]] = []
+        self._i = 0
+        if phase.kind == "images":
+            pool = image_pool(n=pool_size, seed=0)
+            for k in range(4):
+                order = [(k * 7 + i) % len(pool.jpegs) for i in range(phase.items)]
+                self._built.append(self._images_body(pool, order))
+
+    def _images_body(self, pool, order: list[int]) -> tuple[bytes, str]:
+        enc = self.phase.encoding
+        if self.phase.form == "multipart":
+            req = httpx.Request("POST", "http://x/embed", data={"encoding": enc},
+                                files=[("images", (f"{i}.jpg", pool.jpegs[i], "image/jpeg"))
+                                       for i in order])
+            return req.read(), req.headers["content-type"]
+        prefix = "data:image/jpeg;base64," if self.phase.form == "datauri" else ""
+        body = {"images": [prefix + pool.b64[i].decode() for i in order], "encoding": enc}
+        return json.dumps(body).encode(), "application/json"
+
+    def next(self) -> tuple[bytes, str]:
+        if self._built:
+            self._i += 1
+            return self._built[self._i % len(self._built)]
+        texts = [f"{self._captions()} {self._tag}" for _ in range(self.phase.items)]
+        body = {"texts": texts, "encoding": self.phase.encoding}
+        return json.dumps(body).encode(), "application/json"
+
+
+def check_answer(r: httpx.Response, phase: Phase) -> str:
+    """'' when the answer holds one embedding of the model's dimension per item, else why."""
+    try:
+        body = r.json()
+        rows = body[phase.kind]
+        if len(rows) != phase.items:
+            return f"{len(rows)} embeddings for {phase.items} items"
+        first = rows[0]["embedding"]
+        size = (len(base64.b64decode(first)) // 4 if phase.encoding == "base64"
+                else len(first))
+        if size != body["dimension"]:
+            return f"an embedding of {size} values, dimension {body['dimension']}"
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable answer: {type(e).__name__}: {e}"
+    return ""
+
+
+async def _callers(url: str, bodies: Bodies, concurrency: int, t0: float, end: float,
+                   timeout: float) -> tuple[list[Record], list[str]]:
+    """Closed loop: `concurrency` callers, one connection each. Each caller parses and
+    checks its first answer in full and only the status of the rest, so the client's CPU
+    goes to sending, not to reading float JSON."""
+    records: list[Record] = []
+    problems: list[str] = []
+    phase = bodies.phase
+
+    async def caller() -> None:
+        checked = False
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False,
+                                     limits=httpx.Limits(max_connections=1)) as client:
+            while time.perf_counter() < end:
+                content, ctype = bodies.next()
+                start = time.perf_counter()
+                status, retry_after, exc, outcome = 0, None, "", "ok"
+                try:
+                    r = await client.post("/embed", content=content,
+                                          headers={"content-type": ctype})
+                    status = r.status_code
+                    if status == 200 and not checked:
+                        checked = True
+                        if why := check_answer(r, phase):
+                            outcome = "error"
+                            problems.append(why)
+                    elif status != 200:
+                        outcome = {503: "refused_503", 429: "refused_429"}.get(status, "error")
+                        if outcome == "error":
+                            problems.append(f"HTTP {status}: {r.text[:200]}")
+                        if "retry-after" in r.headers:
+                            retry_after = float(r.headers["retry-after"])
+                except httpx.TimeoutException as e:
+                    outcome, exc = "timeout", type(e).__name__
+                except httpx.HTTPError as e:
+                    outcome, exc = "transport_error", type(e).__name__
+                    problems.append(f"{exc}: {e}")
+                records.append(Record(phase.name, start - t0, time.perf_counter() - start,
+                                      status, phase.items, outcome, retry_after, exc))
+                if retry_after:
+                    await asyncio.sleep(min(retry_after, max(0.0, end - time.perf_counter())))
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return records, problems
+
+
+def client_main(conn, url: str, pool_size: int, index: int) -> None:
+    """One load-generator process, driven over `conn`: for each phase, (phase, concurrency,
+    warm-up, duration, timeout, seed) in; 'ready' once its bodies are built; the shared
+    start (time.time()) in; its records and problems out. None ends it."""
+    image_pool(n=pool_size, seed=0)  # built once, before any clock starts
+    conn.send("started")
+    while (msg := conn.recv()) is not None:
+        phase, concurrency, warmup, duration, timeout, seed = msg
+        bodies = Bodies(phase, pool_size, seed * 100 + index)
+        conn.send("ready")
+        start_at = conn.recv()
+        t0 = time.perf_counter() + (start_at - time.time())  # the start, on this clock
+        time.sleep(max(0.0, t0 - time.perf_counter()))
+        records, problems = asyncio.run(
+            _callers(url, bodies, concurrency, t0, t0 + warmup + duration, timeout))
+        conn.send(([asdict(r) for r in records], problems[:10]))
+
+
+class Clients:
+    """The load-generator processes (spawned: no state inherited from this one)."""
+
+    def __init__(self, n: int, url: str, pool_size: int, start_timeout: float = 120):
+        ctx = mp.get_context("spawn")
+        self._conns = []
+        self.procs = []
+        for i in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=client_main, args=(child, url, pool_size, i),
+                            name=f"ceiling-client-{i}", daemon=True)
+            p.start()
+            self._conns.append(parent)
+            self.procs.append(p)
+        self._expect("started", start_timeout)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def _expect(self, what: str, timeout: float) -> None:
+        for conn in self._conns:
+            if not conn.poll(timeout) or conn.recv() != what:
+                raise RuntimeError(f"a load-generator process did not answer {what!r}")
+
+    def prepare(self, msg: tuple, timeout: float = 60) -> None:
+        for conn in self._conns:
+            conn.send(msg)
+        self._expect("ready", timeout)
+
+    def start(self, start_at: float) -> None:
+        for conn in self._conns:
+            conn.send(start_at)
+
+    def results(self, timeout: float) -> tuple[list[Record], list[str]]:
+        records: list[Record] = []
+        problems: list[str] = []
+        for conn in self._conns:
+            if not conn.poll(timeout):
+                raise RuntimeError("a load-generator process did not report in time")
+            rs, ps = conn.recv()
+            records += [Record(**r) for r in rs]
+            problems += ps
+        return records, problems
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):  # the process has gone already
+                conn.send(None)
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+# ---- CPU by thread, from /proc ----
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """tid -> (the thread's OS name, user + system CPU seconds), for each live thread."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        # "tid (name) state ...": the name may hold spaces and parentheses.
+        name = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def group_of(name: str, tid: int, pid: int) -> str:
+    """The part of the server a thread belongs to, by its name (service.tuning names them)."""
+    if tid == pid:
+        return "loop"  # uvicorn runs the event loop on the main thread
+    if name.startswith(("prepare-", "decode", "asyncio", "tokeni", "b64", "base64")):
+        return "pools"  # decode pool; the loop's default executor (large tokenisations)
+    if name.startswith("model-worker"):
+        return "serving"
+    return "other"
+
+
+def thread_family(name: str) -> str:
+    """A pool's threads share one family: "prepare-image_0" -> "prepare-image"."""
+    return re.sub(r"[-_#]?\d+$", "", name) or name
+
+
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+              pid: int) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU seconds between two `thread_cpu` readings, by group and by thread family. A
+    thread born in between counts from zero; one that ended in between is lost (pools
+    keep theirs)."""
+    groups = {"loop": 0.0, "pools": 0.0, "serving": 0.0, "other": 0.0}
+    families: dict[str, float] = {}
+    for tid, (name, cpu) in after.items():
+        d = cpu - before.get(tid, (name, 0.0))[1]
+        groups[group_of(name, tid, pid)] += d
+        fam = "main (event loop)" if tid == pid else thread_family(name)
+        families[fam] = families.get(fam, 0.0) + d
+    return groups, {k: round(v, 3) for k, v in sorted(families.items()) if v > 0}
+
+
+class Window(threading.Thread):
+    """Reads the server's threads and the clients' CPU at both ends of [start, end) of
+    time.time()."""
+
+    def __init__(self, server_pid: int, client_pids: list[int], start: float, end: float):
+        super().__init__(daemon=True)
+        self.server_pid, self.client_pids = server_pid, client_pids
+        self.start_at, self.end_at = start, end
+        self.readings: list[tuple[float, dict, float]] = []
+
+    def _read(self) -> None:
+        clients = sum(cpu_s(p) for p in self.client_pids)
+        self.readings.append((time.time(), thread_cpu(self.server_pid), clients))
+
+    def run(self) -> None:
+        time.sleep(max(0.0, self.start_at - time.time()))
+        self._read()
+        time.sleep(max(0.0, self.end_at - time.time()))
+        self._read()
+
+    def cpu(self) -> dict:
+        (t0, s0, c0), (t1, s1, c1) = self.readings
+        groups, families = cpu_delta(s0, s1, self.server_pid)
+        return {"window_s": t1 - t0, "server_s": groups, "server_threads_s": families,
+                "clients_s": c1 - c0}
+
+
+# ---- one phase, the run, the report ----
+
+def run_phase(clients: Clients, server: ServerProcess, phase: Phase, concurrency: int,
+              args: argparse.Namespace, seed: int) -> dict:
+    clients.prepare((phase, concurrency, args.warmup, args.duration, args.timeout, seed))
+    start_at = time.time() + 0.3
+    window = Window(server.pid, clients.pids, start_at + args.warmup,
+                    start_at + args.warmup + args.duration)
+    window.start()
+    clients.start(start_at)
+    records, problems = clients.results(args.warmup + args.duration + args.timeout + 30)
+    window.join(30)
+    summary = summarise(records, args.warmup, args.warmup + args.duration)
+    cpu = window.cpu()
+    items = summary["items_per_s"] * args.duration  # answered inside the window
+    per = 1e6 / items if items else math.nan
+    server = cpu["server_s"]
+    lat = summary["latency_ok_s"] or {}
+    return {
+        "phase": phase.name, "kind": phase.kind, "items_per_request": phase.items,
+        "concurrency": {"clients": len(clients.procs), "per_client": concurrency},
+        "items_per_s": summary["items_per_s"],
+        "p50_ms": 1e3 * lat.get("p50", math.nan), "p99_ms": 1e3 * lat.get("p99", math.nan),
+        "us_per_item": {
+            "loop": server["loop"] * per, "pools": server["pools"] * per,
+            "serving": server["serving"] * per, "other": server["other"] * per,
+            "server": sum(server.values()) * per, "client": cpu["clients_s"] * per},
+        "cores": {"loop": server["loop"] / cpu["window_s"],
+                  "server": sum(server.values()) / cpu["window_s"],
+                  "client": cpu["clients_s"] / cpu["window_s"]},
+        "cpu": cpu, "summary": summary, "problems": problems,
+    }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median items/s, whole (its fields measured together), with every run's
+    items/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["items_per_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["items_per_s_runs"] = [r["items_per_s"] for r in runs]
+    return chosen
+
+
+def projection(result: dict, cores: int = GPU_HOST_CORES) -> dict:
+    """At the goal for the phase's kind: the loop's budget per item, one loop's ceiling,
+    and the event loops and cores (serving layer only: no model, no load generator) the
+    goal would need at the measured CPU per item, on cores as fast as these."""
+    goal = GOALS[result["kind"]]
+    us = result["us_per_item"]
+    return {
+        "goal_per_s": goal,
+        "loop_budget_us": 1e6 / goal,  # one loop, 100 % busy
+        "host_budget_us": cores * 1e6 / goal,  # every core of the host
+        "one_loop_items_per_s": 1e6 / us["loop"] if us["loop"] > 0 else math.inf,
+        "event_loops": goal * us["loop"] / 1e6,
+        "server_cores": goal * us["server"] / 1e6,
+        "client_cores": goal * us["client"] / 1e6,
+    }
+
+
+def _f(x: float, digits: int = 0) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
+
+
+def format_tables(report: dict) -> str:
+    rows = report["phases"]
+    lines = ["| phase | items/s | p50 ms | p99 ms | loop µs/item | pools µs/item | "
+             "serving µs/item | other µs/item | server µs/item | server cores | "
+             "client µs/item | client cores |",
+             "|---|" + "---:|" * 11]
+    for r in rows.values():
+        u, c = r["us_per_item"], r["cores"]
+        lines.append(f"| {r['phase']} | {_f(r['items_per_s'])} | {_f(r['p50_ms'])} | "
+                     f"{_f(r['p99_ms'])} | {_f(u['loop'])} | {_f(u['pools'])} | "
+                     f"{_f(u['serving'])} | {_f(u['other'])} | {_f(u['server'])} | "
+                     f"{_f(c['server'], 2)} | {_f(u['client'])} | {_f(c['client'], 2)} |")
+    lines += ["", f"Projection to a {GPU_HOST_CORES}-core GPU host (serving layer only, cores "
+              "as fast as these): at 5,000 images/s each image may take 200 µs of one event "
+              f"loop and {GPU_HOST_CORES * 200:,} µs of the host's cores; at 20,000 texts/s, "
+              f"50 µs and {GPU_HOST_CORES * 50:,} µs.", "",
+              "| phase | goal items/s | loop µs/item (budget) | one loop's ceiling items/s | "
+              "event loops needed | server cores needed | load-generator cores |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows.values():
+        p = r["projection"]
+        lines.append(f"| {r['phase']} | {_f(p['goal_per_s'])} | {_f(r['us_per_item']['loop'])} "
+                     f"({_f(p['loop_budget_us'])}) | {_f(p['one_loop_items_per_s'])} | "
+                     f"{_f(p['event_loops'], 1)} | {_f(p['server_cores'], 1)} | "
+                     f"{_f(p['client_cores'], 1)} |")
+    return "\n".join(lines)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(args: argparse.Namespace) -> dict:
+    env = {"CLIP_ENGINE": "null", "CLIP_LOG_FORMAT": "text", "CLIP_LOG_LEVEL": "warning",
+           "CLIP_MAX_BATCH_SIZE": str(args.max_batch_size),
+           "CLIP_MAX_BATCH_TOKENS": str(args.max_batch_size * 77),
+           **({"CLIP_PREPARE_WORKERS": str(args.prepare_workers)} if args.prepare_workers
+              else {}),
+           **dict(args.server_env)}
+    chosen = [p for p in phases(args.images) if not args.phases or p.name in args.phases]
+    report: dict = {
+        "config": {k: v for k, v in vars(args).items() if k != "json"} | {"server_env": env},
+        "machine": {"cpus": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+                    "load_average_before": load_average()},
+        "phases": {},
+    }
+    log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
+    server = ServerProcess(["--model", args.model], env, stdout=log, stderr=subprocess.STDOUT)
+    clients = None
+    try:
+        server.wait_ready(args.ready_timeout)
+        model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+        if model["engine"] != "null":
+            raise RuntimeError(f"the server serves {model['name']} with {model['engine']}")
+        report["model"] = model
+        clients = Clients(args.clients, server.url, args.pool_size)
+        for i, phase in enumerate(chosen):
+            concurrency = {"images": args.image_concurrency,
+                           "texts": args.text_concurrency}[phase.kind]
+            if phase.items == 1:
+                concurrency = args.text1_concurrency
+            runs = [run_phase(clients, server, phase, concurrency, args, seed=i * 10 + k)
+                    for k in range(args.repeats)]
+            result = median_run(runs)
+            result["projection"] = projection(result)
+            report["phases"][phase.name] = result
+            print(f"{phase.name}: {result['items_per_s']:,.0f} items/s, loop "
+                  f"{result['us_per_item']['loop']:,.0f} µs/item, server "
+                  f"{result['us_per_item']['server']:,.0f} µs/item", flush=True)
+    finally:
+        if clients is not None:
+            clients.close()
+        report["server_exit"] = server.stop()
+        if args.server_log:
+            log.close()
+    report["machine"]["load_average_after"] = load_average()
+    return report
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    if "=" not in text or not text.startswith("CLIP_"):
+        raise argparse.ArgumentTypeError(f"expected CLIP_NAME=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="seconds, for a test: short phases, a small image pool, few callers")
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--server-log", type=Path, help="the server's output (default: dropped)")
+    p.add_argument("--model", default="ViT-B-32",
+                   help="its shapes and preprocessing only: the null engine loads no weights")
+    p.add_argument("--images", type=int, default=64,
+                   help="items per request, but for text1 (--quick: 16)")
+    p.add_argument("--clients", type=int, default=2, help="load-generator processes (>= 2)")
+    p.add_argument("--image-concurrency", type=int, default=2, help="per client")
+    p.add_argument("--text-concurrency", type=int, default=4, help="64-text requests per client")
+    p.add_argument("--text1-concurrency", type=int, default=16, help="per client")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds sent first, not counted")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
+    p.add_argument("--repeats", type=int, default=1, help="runs per phase; the median is kept")
+    p.add_argument("--timeout", type=float, default=60.0, help="client timeout per request")
+    p.add_argument("--pool-size", type=int, default=64, help="distinct JPEGs")
+    p.add_argument("--prepare-workers", type=int, default=None,
+                   help="the server's decode threads (default: the server's own)")
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--ready-timeout", type=float, default=120.0)
+    p.add_argument("--phases", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="a comma list of phase names (default: all)")
+    p.add_argument("--server-env", type=_env_pair, action="append", default=[],
+                   metavar="CLIP_NAME=VALUE", help="more server settings (repeatable)")
+    args = p.parse_args(argv)
+    if args.quick:
+        # Short phases, 16 items per request: even on a busy 2-core machine, some 16-image
+        # requests are answered inside the 2 s window.
+        args.warmup, args.duration, args.repeats = 0.5, 2.0, 1
+        args.images, args.pool_size = min(args.images, 16), min(args.pool_size, 8)
+        args.image_concurrency, args.text_concurrency, args.text1_concurrency = 1, 2, 4
+    known = {ph.name for ph in phases(args.images)}
+    if args.phases and set(args.phases) - known:
+        p.error(f"unknown phases {sorted(set(args.phases) - known)}; known: {sorted(known)}")
+    if args.clients < 2:
+        p.error("--clients: at least 2, so that one client's core does not bound the server")
+    if not (args.duration > 0 and args.warmup >= 0 and args.warmup + args.duration <= MAX_PHASE_S):
+        p.error(f"need duration > 0, warmup >= 0 and warmup + duration <= {MAX_PHASE_S:.0f} s")
+    if not 1 <= args.repeats <= MAX_REPEATS:
+        p.error(f"--repeats: 1 to {MAX_REPEATS}")
+    if min(args.images, args.image_concurrency, args.text_concurrency,
+           args.text1_concurrency, args.pool_size) < 1:
+        p.error("counts must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(f"load average before: {load_average()}", flush=True)
+    report = run(args)
+    print()
+    print(format_tables(report))
+    print(f"\nload average after: {report['machine']['load_average_after']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    problems = [f"{name}: {pr}" for name, r in report["phases"].items() for pr in r["problems"]]
+    for pr in problems[:10]:
+        print(f"problem: {pr}", file=sys.stderr)
+    bad = [n for n, r in report["phases"].items()
+           if r["summary"]["ok"] == 0 or r["summary"]["error"] + r["summary"]["timeout"]
+           + r["summary"]["transport_error"] > 0]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
