@@ -198,6 +198,7 @@ class ServedModels(Mapping[str, ServedModel]):
                                         warmup_images=s.max_batch_size,
                                         warmup_tokens=s.max_batch_tokens,
                                         preprocess=s.preprocess, cuda_graphs=s.cuda_graphs))
+        assert loaded is not None  # settings never yield an empty device list
         return loaded.name, loaded.preprocess, backends
 
     async def _null_backends(self, spec: str, devices: list[str],

@@ -133,7 +133,7 @@ class NullBackend:
         if (isinstance(p, torch.Tensor) and p.dtype == torch.uint8
                 and tuple(p.shape) == (3, s, s)):
             # CRC-32 of the pixels' bytes: ~4 GB/s, and it releases the GIL.
-            return zlib.crc32(p.contiguous().numpy())
+            return zlib.crc32(p.contiguous().numpy().data)
         also = " or an EncodedImage" if self._encoded else ""
         raise ValueError(f"image payload {i} is not a uint8 (3, {s}, {s}) tensor{also}")
 
