@@ -14,6 +14,7 @@ from .api import errors
 from .api.access import Access
 from .api.middleware import BodyLimit, Lifecycle, RequestLifecycle, RequestMetrics
 from .api.routes import health, inference
+from .api.shedding import Shedding
 from .core import Engine
 from .metrics import Metrics
 from .ratelimit import RateLimiter
@@ -58,8 +59,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(inference)
     app.include_router(health)
 
-    # Outermost last: CORS, lifecycle, request metrics, access, body cap, the routes.
+    # Outermost last: CORS, lifecycle, request metrics, access, shedding, body cap, the
+    # routes. Shedding after access: a caller without a valid key learns nothing of load.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Shedding, delay_s=settings.refusal_delay_s,
+                       max_held=settings.max_held_refusals)
     limiter = (RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
                if settings.rate_limit_per_s is not None else None)
     app.add_middleware(Access, keys=settings.api_keys, metrics_auth=settings.metrics_auth,

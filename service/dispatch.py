@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .admission import Admission
-from .batcher import BatcherConfig, ItemState, Kind, Request, WorkItem
-from .errors import Draining, WorkerUnavailable
+from .admission import Admission, Computing
+from .batcher import BatcherConfig, ItemState, Kind, Request, WorkItem, padded_tokens
+from .errors import Draining, Overloaded, WorkerUnavailable
 from .idle import IdleRelease
 from .scheduler import BatchQueue, Taken
 from .watchdog import Stall, StreamTable
@@ -158,10 +158,26 @@ class Dispatcher:
         with self._cond:
             self._check(kind, n)
 
+    def overloaded(self, kind: Kind, n: int) -> Overloaded | None:
+        """What admitting `n` items of `kind` would be refused with now, or None."""
+        with self._cond:
+            return self._overloaded(kind, n)
+
     def _check(self, kind: Kind, n: int) -> None:
-        overloaded = self.admission.refusal(kind, n, self.queue.outstanding, self.queue.units)
+        overloaded = self._overloaded(kind, n)
         if overloaded is not None:
             raise overloaded
+
+    def _overloaded(self, kind: Kind, n: int) -> Overloaded | None:
+        now = self.clock()
+        computing = [
+            Computing(run.kind, sum(it.cost for it in run.batch),
+                      len(run.batch) if run.kind == "image" else padded_tokens(run.kind,
+                                                                               run.batch),
+                      0.0 if run.call_started is None else now - run.call_started)
+            for run in self.streams.running() if run.batch]
+        return self.admission.refusal(kind, n, self.queue.outstanding, self.queue.units,
+                                      computing)
 
     def close(self, req: Request) -> tuple[int, int]:
         """`req` is answered, failed or gone: drop its queued items. (dropped, depth)."""

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .batcher import ItemResult, Kind
+from .errors import Overloaded
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ class Replicas:
     def check_admission(self, kind: Kind, n: int) -> None:
         """`ModelWorker.check_admission` on the replica a request would go to now."""
         self.pick(kind).check_admission(kind, n)
+
+    def overloaded(self, kind: Kind) -> Overloaded | None:
+        """`ModelWorker.overloaded` of the replica a request would go to now."""
+        return self.pick(kind).overloaded(kind)
 
     async def submit_many(
         self,

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     # is then answered within about this, however large the overload.
     max_queue_wait_s: float | None = Field(2.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
+    # An overload refusal is held this long (at most its Retry-After) before it is
+    # answered, so a caller that retries a 503 at once cannot send hundreds a second;
+    # beyond max_held_refusals held at once, the next are answered at once. None: never.
+    refusal_delay_s: float | None = Field(0.5, gt=0)
+    max_held_refusals: int = Field(256, ge=0)
     # Watchdog: a batch running longer fails its requests and the worker carries on with
     # a fresh thread (see ModelWorker). Generous: a legitimate CPU batch takes seconds.
     stall_timeout_s: float | None = Field(120.0, gt=0)

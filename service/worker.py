@@ -242,6 +242,14 @@ class ModelWorker:
             self._events.rejected(kind, n)
             raise
 
+    def overloaded(self, kind: Kind) -> Overloaded | None:
+        """What a new one-item request of `kind` would be refused with now for overload,
+        or None (also when not serving: the request's own path says why). Reserves
+        nothing and counts nothing: for the HTTP layer, to refuse before reading a body."""
+        if self.dispatcher.refusal() is not None:
+            return None
+        return self.dispatcher.overloaded(kind, 1)
+
     # ---- completion (event loop) ----
 
     def _resolve(self, outcomes: list[Outcome]) -> None:

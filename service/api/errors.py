@@ -81,6 +81,8 @@ def count(scope: Scope, kind: str) -> None:
 def answer(scope: Scope, exc: Exception) -> JSONResponse:
     """`to_response`, counted: for middleware that answers before the app runs."""
     count(scope, status_for(exc)[1])
+    if isinstance(exc, Overloaded):
+        scope["clip.overloaded"] = exc  # `Shedding` paces the answer
     return to_response(exc)
 
 
