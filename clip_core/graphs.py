@@ -152,6 +152,12 @@ class GraphRunner(_Runner):
     def _graph(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         if bucket in self._graphs:
             return self._graphs[bucket]
+        # Never with autograd: a captured output with a grad_fn would keep every
+        # activation of the capture alive (the ViT-L/14 benchmark ran out of memory so).
+        with torch.inference_mode():
+            return self._capture(bucket)
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         static_in = self._zeros(bucket)  # (bucket, 3, S, S)
         # Warm-up runs on a side stream, as capture does: kernels get chosen, workspaces and
         # lazy state get allocated outside the graph.
