@@ -55,8 +55,6 @@ def serve_traced(trace: str, args: list[str]) -> int:
     when it was admitted and the queue wait it had, written to `trace`."""
     sys.path.insert(0, str(ROOT))
     from service import __main__ as entry
-    from service.admission import Computing
-    from service.batcher import padded_tokens
     from service.worker import ModelWorker
 
     out = open(trace, "a", buffering=1)  # noqa: SIM115 - open for the process's life
@@ -65,14 +63,8 @@ def serve_traced(trace: str, args: list[str]) -> int:
     def predicted(worker: ModelWorker, kind: str, n: int) -> tuple[float, float]:
         d = worker.dispatcher
         with d._cond:  # what Dispatcher._overloaded reads, under its lock
-            now = d.clock()
-            computing = [
-                Computing(r.kind, sum(it.cost for it in r.batch),
-                          len(r.batch) if r.kind == "image" else padded_tokens(r.kind, r.batch),
-                          0.0 if r.call_started is None else now - r.call_started)
-                for r in d.streams.running() if r.batch]
             a = d.admission
-            wait = a.predicted_wait(kind, d.queue.units, computing)
+            wait = a.predicted_wait(kind, d.queue.units)
             cap = a.batch_limit(kind)
             return wait, wait + a.costs.seconds(kind, cap, cap)
 

@@ -7,10 +7,6 @@ Pure policy over the cost model and the queue's totals, passed in: no lock, no t
   exceed `max_queue_items`, or, with `max_queue_wait_s`, when the work admitted before it
   plus the batch it would join is predicted to take longer than that. `Retry-After` is
   the predicted wait, within [MIN_RETRY_AFTER_S, MAX_RETRY_AFTER_S].
-- The work admitted before a request counts what batches on the model still have to do
-  (their predicted time less the time they have run, `Computing`), not their whole time:
-  a batch half done holds up the next one half as long. Counted whole, they made the
-  bound refuse requests that would have been answered within it.
 - A batch holds at most the memory limit (`max_batch_size` images, `max_batch_tokens`
   padded tokens), and with `max_batch_s` no more than is predicted to take that long.
 - Out of memory halves the memory limit below the failing batch's size; it grows back by
@@ -21,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from .batcher import (
     KINDS,
@@ -35,16 +30,6 @@ from .batcher import (
     padded_tokens,
 )
 from .errors import Overloaded
-
-
-@dataclass(frozen=True)
-class Computing:
-    """A batch on the model now, and for how long its backend call has run."""
-
-    kind: Kind
-    units: int  # its items' costs, as the queue counts them (`BatchQueue.units`)
-    work: int  # the cost model's units: images, or padded tokens
-    elapsed_s: float = 0.0
 
 
 class Admission:
@@ -96,11 +81,9 @@ class Admission:
 
     # ---- admission ----
 
-    def predicted_wait(
-        self, kind: Kind, units: Mapping[Kind, int], computing: Sequence[Computing] = ()
-    ) -> float:
+    def predicted_wait(self, kind: Kind, units: Mapping[Kind, int]) -> float:
         """Seconds until a new `kind` request's first batch would start, with `units`
-        (by kind) admitted and not yet answered, of which `computing` are on the model.
+        (by kind) admitted and not yet answered.
 
         Its own kind's outstanding work, plus the other kind's batches that alternate
         with it (one per batch of `kind` still to run, at most the other's whole backlog),
@@ -109,42 +92,25 @@ class Admission:
         costs, streams = self.costs, self._config.streams
         other: Kind = "text" if kind == "image" else "image"
         own_cap, other_cap = self.batch_limit(kind), self.batch_limit(other)
-        queued = self.queued(kind, units, computing)
-        own = self._left(kind, computing) + costs.seconds(kind, queued, own_cap)
-        other_backlog = (self._left(other, computing)
-                         + costs.seconds(other, self.queued(other, units, computing), other_cap))
+        own = costs.seconds(kind, units[kind], own_cap)
+        other_backlog = costs.seconds(other, units[other], other_cap)
         if other_backlog == 0.0:
             return own / streams
-        batches = 1 + math.ceil(queued / own_cap)
+        batches = 1 + math.ceil(units[kind] / own_cap)
         alternating = min(other_backlog, batches * costs.seconds(other, other_cap, other_cap))
         return (own + alternating) / streams
 
-    @staticmethod
-    def queued(kind: Kind, units: Mapping[Kind, int], computing: Sequence[Computing]) -> int:
-        """Units of `kind` admitted and not yet on the model."""
-        return max(0, units[kind] - sum(c.units for c in computing if c.kind == kind))
-
-    def _left(self, kind: Kind, computing: Sequence[Computing]) -> float:
-        """Predicted seconds the `kind` batches on the model still need: each one's
-        predicted time less what it has run, never below 0 (a batch late on its
-        prediction may end any moment)."""
-        return sum(max(0.0, self.costs.seconds(kind, c.work, c.work) - c.elapsed_s)
-                   for c in computing if c.kind == kind)
-
     def refusal(
-        self, kind: Kind, n: int, outstanding: int, units: Mapping[Kind, int],
-        computing: Sequence[Computing] = (),
+        self, kind: Kind, n: int, outstanding: int, units: Mapping[Kind, int]
     ) -> Overloaded | None:
         """Overloaded when `n` more items of `kind` may not be admitted now, else None.
 
         The time bound covers the wait and the batch the request would join (a full one,
-        as under overload, when later arrivals fill it before it starts): with streams a
-        batch runs on a share of the cores and takes a large part of the bound by itself.
-        `computing` (the batches on the model now) makes the wait what is left of them,
-        not their whole time. Never refused by time when nothing is outstanding, nor
-        before `MIN_BATCHES_TO_REFUSE` batches of `kind` were timed.
+        as under overload): with streams a batch runs on a share of the cores and takes a
+        large part of the bound by itself. Never refused by time when nothing is
+        outstanding, nor before `MIN_BATCHES_TO_REFUSE` batches of `kind` were timed.
         """
-        wait_s = self.predicted_wait(kind, units, computing)
+        wait_s = self.predicted_wait(kind, units)
         if outstanding + n > self._config.max_queue_items or self._too_slow(kind, wait_s,
                                                                             outstanding):
             return Overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S))

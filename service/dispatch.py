@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .admission import Admission, Computing
-from .batcher import BatcherConfig, ItemState, Kind, Request, WorkItem, padded_tokens
+from .admission import Admission
+from .batcher import BatcherConfig, ItemState, Kind, Request, WorkItem
 from .errors import Draining, Overloaded, WorkerUnavailable
 from .idle import IdleRelease
 from .scheduler import BatchQueue, Taken
@@ -169,15 +169,7 @@ class Dispatcher:
             raise overloaded
 
     def _overloaded(self, kind: Kind, n: int) -> Overloaded | None:
-        now = self.clock()
-        computing = [
-            Computing(run.kind, sum(it.cost for it in run.batch),
-                      len(run.batch) if run.kind == "image" else padded_tokens(run.kind,
-                                                                               run.batch),
-                      0.0 if run.call_started is None else now - run.call_started)
-            for run in self.streams.running() if run.batch]
-        return self.admission.refusal(kind, n, self.queue.outstanding, self.queue.units,
-                                      computing)
+        return self.admission.refusal(kind, n, self.queue.outstanding, self.queue.units)
 
     def close(self, req: Request) -> tuple[int, int]:
         """`req` is answered, failed or gone: drop its queued items. (dropped, depth)."""

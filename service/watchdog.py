@@ -64,10 +64,6 @@ class StreamTable:
         """Some stream is computing."""
         return bool(self._current)
 
-    def running(self) -> list[Running]:
-        """The batches the streams compute now."""
-        return list(self._current.values())
-
     def idle_before(self, stream: int) -> bool:
         """A stream before `stream` is idle: it serves first, so a lone request runs on 0."""
         return any(s not in self._current for s in range(stream))

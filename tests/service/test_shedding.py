@@ -12,7 +12,6 @@ from fake_backend import FakeClock
 from fastapi.testclient import TestClient
 from refusals import b64, metric, png, tiny_checkpoint
 
-from service.admission import Admission, Computing
 from service.api.errors import answer
 from service.api.shedding import ROUTE_KINDS, Pacing, Shedding, early_refusal
 from service.app import create_app
@@ -44,51 +43,22 @@ def test_early_refusal_needs_every_kind_the_route_may_carry_refused():
     assert ROUTE_KINDS["/classify"] == ("image",)
 
 
-def _timed(config: BatcherConfig, per_image_s: float = 0.1) -> Admission:
-    admission = Admission(config)
-    for _ in range(5):
-        admission.costs.observe("image", 4, 4 * per_image_s)
-        admission.costs.observe("image", 8, 8 * per_image_s)
-    return admission
-
-
-def test_a_batch_on_the_model_counts_what_it_has_left():
-    """Ten 0.1 s images computing on one stream, a 1.5 s bound: refused while the batch
-    has 1 s left (1 + a full 1 s batch), admitted once it has 0.4 s left (0.4 + 1)."""
-    admission = _timed(BatcherConfig(max_batch_size=10, max_queue_wait_s=1.5))
-    units = {"image": 10, "text": 0}
-    fresh = [Computing("image", 10, 10, elapsed_s=0.0)]
-    assert admission.predicted_wait("image", units, fresh) == pytest.approx(1.0)
-    assert admission.refusal("image", 1, 10, units, fresh) is not None
-    late = [Computing("image", 10, 10, elapsed_s=0.6)]
-    assert admission.predicted_wait("image", units, late) == pytest.approx(0.4)
-    assert admission.refusal("image", 1, 10, units, late) is None
-    overdue = [Computing("image", 10, 10, elapsed_s=5.0)]  # late on its prediction: 0 left
-    assert admission.predicted_wait("image", units, overdue) == 0.0
-    # What is queued behind it still counts in full.
-    queued = {"image": 15, "text": 0}
-    assert admission.predicted_wait("image", queued, late) == pytest.approx(0.9)
-
-
-def test_the_dispatcher_times_the_running_batch_on_its_clock():
-    clock = FakeClock(100.0)
+def test_the_dispatcher_answers_whether_a_request_would_be_refused_without_admitting_it():
     d = Dispatcher(BatcherConfig(max_batch_size=10, max_queue_wait_s=1.5), name="m",
-                   release_hook=None, clock=clock)
+                   release_hook=None, clock=FakeClock(100.0))
     d.started()
     d.warmed()
     for _ in range(5):
         d.admission.costs.observe("image", 4, 0.4)
         d.admission.costs.observe("image", 8, 0.8)
+    assert d.overloaded("image", 1) is None  # nothing outstanding: never refused
     req = Request("r", "image", None, [None] * 10, 10)
-    items = [WorkItem(i, req, i, "image", i, 1, clock() + 100, clock()) for i in range(10)]
+    items = [WorkItem(i, req, i, "image", i, 1, 200.0, 100.0) for i in range(10)]
     d.admit(req, items)
     assert isinstance(d.next_step(0, 0), Batch)
-    d.call_started(0, 0)
-    assert d.overloaded("image", 1) is not None  # 1 s left + a full batch of 1 s
-    clock.advance(0.25)
-    assert d.overloaded("image", 1) is not None  # 0.75 + 1 s
-    clock.advance(0.5)
-    assert d.overloaded("image", 1) is None  # 0.25 + 1 s: within 1.5 s
+    refusal = d.overloaded("image", 1)  # 1 s of work ahead + a full 1 s batch > 1.5 s
+    assert refusal is not None and refusal.retry_after == pytest.approx(1.0)
+    assert d.queue.outstanding == 10  # asking reserved nothing
     assert d.overloaded("text", 1) is None  # texts wait for one image batch, not a backlog
 
 
