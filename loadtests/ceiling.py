@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+from loadgen import closed_bodies
 from serverproc import ServerProcess, cpu_s
 from stats import Record, summarise
 from workloads import Captions, image_pool
@@ -130,52 +131,6 @@ def check_answer(r: httpx.Response, phase: Phase) -> str:
     return ""
 
 
-async def _callers(url: str, bodies: Bodies, concurrency: int, t0: float, end: float,
-                   timeout: float) -> tuple[list[Record], list[str]]:
-    """Closed loop: `concurrency` callers, one connection each. Each caller parses and
-    checks its first answer in full and only the status of the rest, so the client's CPU
-    goes to sending, not to reading float JSON."""
-    records: list[Record] = []
-    problems: list[str] = []
-    phase = bodies.phase
-
-    async def caller() -> None:
-        checked = False
-        async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False,
-                                     limits=httpx.Limits(max_connections=1)) as client:
-            while time.perf_counter() < end:
-                content, ctype = bodies.next()
-                start = time.perf_counter()
-                status, retry_after, exc, outcome = 0, None, "", "ok"
-                try:
-                    r = await client.post("/embed", content=content,
-                                          headers={"content-type": ctype})
-                    status = r.status_code
-                    if status == 200 and not checked:
-                        checked = True
-                        if why := check_answer(r, phase):
-                            outcome = "error"
-                            problems.append(why)
-                    elif status != 200:
-                        outcome = {503: "refused_503", 429: "refused_429"}.get(status, "error")
-                        if outcome == "error":
-                            problems.append(f"HTTP {status}: {r.text[:200]}")
-                        if "retry-after" in r.headers:
-                            retry_after = float(r.headers["retry-after"])
-                except httpx.TimeoutException as e:
-                    outcome, exc = "timeout", type(e).__name__
-                except httpx.HTTPError as e:
-                    outcome, exc = "transport_error", type(e).__name__
-                    problems.append(f"{exc}: {e}")
-                records.append(Record(phase.name, start - t0, time.perf_counter() - start,
-                                      status, phase.items, outcome, retry_after, exc))
-                if retry_after:
-                    await asyncio.sleep(min(retry_after, max(0.0, end - time.perf_counter())))
-
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return records, problems
-
-
 def client_main(conn, url: str, pool_size: int, index: int) -> None:
     """One load-generator process, driven over `conn`: for each phase, (phase, concurrency,
     warm-up, duration, timeout, seed) in; 'ready' once its bodies are built; the shared
@@ -189,8 +144,9 @@ def client_main(conn, url: str, pool_size: int, index: int) -> None:
         start_at = conn.recv()
         t0 = time.perf_counter() + (start_at - time.time())  # the start, on this clock
         time.sleep(max(0.0, t0 - time.perf_counter()))
-        records, problems = asyncio.run(
-            _callers(url, bodies, concurrency, t0, t0 + warmup + duration, timeout))
+        records, problems = asyncio.run(closed_bodies(
+            url, bodies.next, phase.name, phase.items, concurrency, t0, t0 + warmup + duration,
+            timeout, lambda r, phase=phase: check_answer(r, phase), check_every=False))
         conn.send(([asdict(r) for r in records], problems[:10]))
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import httpx
 import scrape
+from loadgen import closed_bodies
 from serverproc import ServerDidNotStart, ServerProcess, cpu_s
 from stats import Record, summarise
 from workloads import Captions, image_pool
@@ -98,47 +99,6 @@ def check_answer(r: httpx.Response, items: int) -> str:
     return ""
 
 
-async def _callers(url: str, bodies: Bodies, concurrency: int, t0: float, end: float,
-                   timeout: float) -> tuple[list[Record], list[str]]:
-    records: list[Record] = []
-    problems: list[str] = []
-
-    async def caller() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False,
-                                     limits=httpx.Limits(max_connections=1)) as client:
-            while time.perf_counter() < end:
-                content, ctype = bodies.next()
-                start = time.perf_counter()
-                status, retry_after, exc, outcome = 0, None, "", "ok"
-                try:
-                    r = await client.post("/embed", content=content,
-                                          headers={"content-type": ctype})
-                    status = r.status_code
-                    if status == 200:
-                        why = check_answer(r, bodies.items)
-                        if why:
-                            outcome = "error"
-                            problems.append(why)
-                    else:
-                        outcome = {503: "refused_503", 429: "refused_429"}.get(status, "error")
-                        if outcome == "error":
-                            problems.append(f"HTTP {status}: {r.text[:200]}")
-                        if "retry-after" in r.headers:
-                            retry_after = float(r.headers["retry-after"])
-                except httpx.TimeoutException as e:
-                    outcome, exc = "timeout", type(e).__name__
-                except httpx.HTTPError as e:
-                    outcome, exc = "transport_error", type(e).__name__
-                    problems.append(f"{exc}: {e}")
-                records.append(Record(bodies.phase, start - t0, time.perf_counter() - start,
-                                      status, bodies.items, outcome, retry_after, exc))
-                if retry_after:
-                    await asyncio.sleep(min(retry_after, max(0.0, end - time.perf_counter())))
-
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return records, problems
-
-
 def client(args: argparse.Namespace) -> int:
     """Builds its bodies, says 'ready', reads the shared start time (time.time()) from
     stdin, sends until warm-up + duration after it, and writes its records as JSON."""
@@ -147,8 +107,10 @@ def client(args: argparse.Namespace) -> int:
     start_at = float(sys.stdin.readline())
     t0 = time.perf_counter() + (start_at - time.time())  # the start, on this clock
     time.sleep(max(0.0, t0 - time.perf_counter()))
-    records, problems = asyncio.run(_callers(args.url, bodies, args.concurrency, t0,
-                                             t0 + args.warmup + args.duration, args.timeout))
+    records, problems = asyncio.run(closed_bodies(
+        args.url, bodies.next, bodies.phase, bodies.items, args.concurrency, t0,
+        t0 + args.warmup + args.duration, args.timeout,
+        lambda r: check_answer(r, bodies.items)))
     args.json.write_text(json.dumps({"records": [asdict(r) for r in records],
                                      "problems": problems[:20]}))
     return 0

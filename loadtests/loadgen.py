@@ -30,6 +30,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -173,6 +174,60 @@ async def send(client: httpx.AsyncClient, call: Call, t0: float) -> Record:
         outcome, exception = "transport_error", type(e).__name__
     return Record(call.kind, start - t0, time.perf_counter() - start, status, call.items,
                   outcome, retry_after, exception)
+
+
+async def closed_bodies(
+    url: str,
+    next_body: Callable[[], tuple[bytes, str]],
+    kind: str,
+    items: int,
+    concurrency: int,
+    t0: float,
+    end: float,
+    timeout: float,
+    check: Callable[[httpx.Response], str],
+    check_every: bool = True,
+) -> tuple[list[Record], list[str]]:
+    """Closed loop on /embed: `concurrency` callers, one connection each, posting
+    `next_body()` (content, content type) until `end` and sleeping out each Retry-After.
+    `check` reads an OK answer and says what is wrong with it ('' when nothing); with
+    `check_every` False each caller checks only its first, so the client's CPU goes to
+    sending rather than to reading float JSON. The records and the problems seen."""
+    records: list[Record] = []
+    problems: list[str] = []
+
+    async def caller() -> None:
+        checked = False
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False,
+                                     limits=httpx.Limits(max_connections=1)) as client:
+            while time.perf_counter() < end:
+                content, ctype = next_body()
+                start = time.perf_counter()
+                status, retry_after, exc, outcome = 0, None, "", "ok"
+                try:
+                    r = await client.post("/embed", content=content,
+                                          headers={"content-type": ctype})
+                    status, outcome = r.status_code, _outcome(r.status_code)
+                    retry_after = _seconds(r.headers.get("retry-after"))
+                    if outcome == "ok" and (check_every or not checked):
+                        checked = True
+                        if why := check(r):
+                            outcome = "error"
+                            problems.append(why)
+                    elif outcome == "error":
+                        problems.append(f"HTTP {status}: {r.text[:200]}")
+                except httpx.TimeoutException as e:
+                    outcome, exc = "timeout", type(e).__name__
+                except httpx.HTTPError as e:
+                    outcome, exc = "transport_error", type(e).__name__
+                    problems.append(f"{exc}: {e}")
+                records.append(Record(kind, start - t0, time.perf_counter() - start, status,
+                                      items, outcome, retry_after, exc))
+                if retry_after:
+                    await asyncio.sleep(min(retry_after, max(0.0, end - time.perf_counter())))
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return records, problems
 
 
 async def _closed(clients: Clients, workload: Workload, cfg: RunConfig, t0: float) -> list[Record]:
