@@ -44,10 +44,10 @@ from clip_core.config import (
     load_architecture,
 )
 from clip_core.graphs import EagerRunner, GraphRunner
+from clip_core.loader import resolve_dtype
 from clip_core.model import CLIP
 from clip_core.preprocess import ImageTransform, open_image
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TINY_TEXT = TextConfig(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
 # --tiny: small enough for a few seconds on 2 CPU cores.
 TINY_GRAPHS = CLIPConfig(embed_dim=32, vision=VisionConfig(
@@ -113,7 +113,7 @@ def environment(device: torch.device) -> dict:
 
 def bench_graphs(args: argparse.Namespace) -> dict:
     device = torch.device("cpu" if args.tiny else args.device)
-    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(args.dtype, device) if device.type == "cuda" else torch.float32
     out: dict = {"kind": "graphs", "model": "tiny-vit" if args.tiny else args.model,
                  "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny,
                  "env": environment(device), "rows": [], "errors": []}
@@ -318,7 +318,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     g = sub.add_parser("graphs", help="image images/s, eager against CUDA graphs")
     g.add_argument("--model", default="ViT-B-32")
     g.add_argument("--device", default="cuda")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16")
     g.add_argument("--batches", type=ints, default=[1, 8, 32, 64, 128, 256, 512, 1024])
     g.add_argument("--max-seconds", type=float, default=80.0,
                    help="stop starting new batch sizes after this long")

@@ -45,10 +45,10 @@ from clip_core.config import (
     VisionConfig,
     load_architecture,
 )
+from clip_core.loader import resolve_dtype
 from clip_core.model import CLIP
 from clip_core.tokenizer import Tokenizer
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Stand-ins for ViT-B/32 and ViT-L/14 in a dry run: every code path, milliseconds a batch.
 _TINY_TEXT = TextConfig(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
 TINY = {
@@ -201,10 +201,10 @@ def parity(plan: Plan, report: Report) -> int:
             want_txt = ref.encode_text(tokens, normalize=True)
             result: dict = {}
             for dtype in ("fp16", "bf16"):
-                model = copy.deepcopy(ref).to(DTYPES[dtype])
-                result[dtype] = {
+                model = copy.deepcopy(ref).to(resolve_dtype(dtype, plan.device))
+                result[dtype] = {  # encode_image casts the pixels to the model's dtype
                     "image": _cosine(want_img, model.encode_image(
-                        images.to(plan.device, DTYPES[dtype]), normalize=True)),
+                        images.to(plan.device), normalize=True)),
                     "text": _cosine(want_txt, model.encode_text(tokens, normalize=True)),
                 }
                 del model
