@@ -247,5 +247,10 @@ class ModelUnavailable(WorkerUnavailable):
     """A configured model that failed to load; the others serve."""
 
 
+class EngineUnavailable(ModelUnavailable):
+    """A model's engine cannot run here: unknown, or an optional package it needs is not
+    installed. Start-up ends (exit 1) with this message, which names the package."""
+
+
 class BatchStalled(BatchFailed):
     """The batch ran past the watchdog's `stall_timeout_s`; its requests fail, others go on."""

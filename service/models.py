@@ -14,24 +14,22 @@ from dataclasses import dataclass
 
 import torch
 
-from clip_core.config import PreprocessConfig
 from clip_core.errors import ModelNotFound
-from clip_core.loader import LoadedModel, load
-from clip_core.tokenizer import Tokenizer
 
 from .backend import BackendInfo, ClipBackend
+from .engines import Scoring, loader, split_engine
 from .errors import ModelUnavailable
 from .metrics import Metrics
-from .null_backend import NullBackend, model_shape
+from .null_backend import NullBackend
 from .prepare import ImagePreparer, TextPreparer
 from .replicas import Replicas, replica_labels, resolve_devices
 from .settings import Settings
-from .tuning import default_streams, in_passing_thread, thread_share
+from .tuning import default_streams, thread_share
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
-# What computes a model's embeddings, by Settings.engine: its weights, or nothing.
+# What computes a model's embeddings, by its engine (service.engines).
 ModelBackend = ClipBackend | NullBackend
 
 
@@ -45,6 +43,9 @@ class ServedModel:
     worker: Replicas
     images: ImagePreparer
     texts: TextPreparer
+    engine: str = "torch"  # the service.engines name that serves it
+    scoring: Scoring = "softmax"  # how /classify scores labels (service.engines.Scoring)
+    logit_bias: float = 0.0
 
     @property
     def backend(self) -> ModelBackend:
@@ -123,10 +124,9 @@ class ServedModels(Mapping[str, ServedModel]):
         s = self.settings
         devices = resolve_devices(
             s.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        tokenizer = Tokenizer()
         for i, spec in enumerate(s.models):
             try:
-                served = await self._load(spec, devices, tokenizer)
+                served = await self._load(spec, devices)
             except Exception as e:
                 if s.on_model_load_failure == "exit":
                     raise
@@ -145,12 +145,11 @@ class ServedModels(Mapping[str, ServedModel]):
         if not self._served:  # serve_others with nothing to serve: exit as "exit" would
             raise ModelUnavailable(f"no model could be loaded ({', '.join(self.unavailable)})")
 
-    async def _load(self, spec: str, devices: list[str], tokenizer: Tokenizer) -> ServedModel:
+    async def _load(self, spec: str, devices: list[str]) -> ServedModel:
         s = self.settings
-        if s.engine == "null":
-            name, preprocess, backends = await self._null_backends(spec, devices)
-        else:
-            name, preprocess, backends = await self._torch_backends(spec, devices)
+        engine, spec = split_engine(spec, s.engine)
+        loaded = await loader(engine)(s, spec, devices)
+        name, backends = loaded.name, loaded.backends
         n_cpu = devices.count("cpu")
         for i, (device, backend) in enumerate(zip(devices, backends, strict=True)):
             if device == "cpu" and n_cpu > 1:
@@ -173,45 +172,13 @@ class ServedModels(Mapping[str, ServedModel]):
         replicas = Replicas(workers, labels)
         await replicas.start()  # WorkerUnavailable when a warm-up fails; nothing is kept
         images = ImagePreparer(
-            preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
+            loaded.preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
             max_frames=s.max_image_frames, formats=s.image_formats,
             exif_orientation=s.exif_orientation, mode=s.preprocess,
         )
         return ServedModel(name=name, worker=replicas, images=images,
-                           texts=TextPreparer(tokenizer))
-
-    async def _torch_backends(self, spec: str, devices: list[str],
-                              ) -> tuple[str, PreprocessConfig, list[ModelBackend]]:
-        """The model's weights on each device (CPU replicas share one copy), a
-        `ClipBackend` each; the model's name and the preprocessing its weights carry."""
-        s = self.settings
-        loaded_on: dict[str, LoadedModel] = {}
-        backends: list[ModelBackend] = []
-        for device in devices:
-            loaded = loaded_on.get(device)
-            if loaded is None:
-                loaded = loaded_on[device] = await in_passing_thread(
-                    load, spec, device=device, dtype=s.dtype, cache_dir=s.cache_dir,
-                    offline=s.offline, random_weights=s.random_weights, progress=False,
-                )
-            backends.append(ClipBackend(loaded, threads=s.torch_threads,
-                                        warmup_images=s.max_batch_size,
-                                        warmup_tokens=s.max_batch_tokens,
-                                        preprocess=s.preprocess, cuda_graphs=s.cuda_graphs))
-        assert loaded is not None  # settings never yield an empty device list
-        return loaded.name, loaded.preprocess, backends
-
-    async def _null_backends(self, spec: str, devices: list[str],
-                             ) -> tuple[str, PreprocessConfig, list[ModelBackend]]:
-        """A `NullBackend` per device from the model's shapes alone: no weights, no model."""
-        shape = await in_passing_thread(model_shape, spec)  # a checkpoint path is read
-        log.warning("model %s is served by the null engine: its embeddings are hashed from "
-                    "the inputs and mean nothing (serving-layer benchmarks only)", shape.name)
-        s = self.settings
-        backends: list[ModelBackend] = [
-            NullBackend(shape, device=device, threads=s.torch_threads, preprocess=s.preprocess)
-            for device in devices]
-        return shape.name, shape.preprocess, backends
+                           texts=TextPreparer(loaded.tokenizer), engine=engine,
+                           scoring=loaded.scoring, logit_bias=loaded.logit_bias)
 
     @property
     def ready(self) -> bool:

@@ -32,8 +32,9 @@ from clip_core.config import PreprocessConfig
 from clip_core.errors import ImageDecodeError, InvalidInput
 from clip_core.preprocess import DECODE_FORMATS, ImageTransform, open_image
 from clip_core.tensor_preprocess import takes_tensor_path
-from clip_core.tokenizer import Tokenizer, TokenRows
+from clip_core.tokenizer import TokenRows
 
+from .engines import TextTokenizer
 from .errors import EmptyInput, ImageFormatNotAllowed, ImageTooLarge, InvalidRequest
 from .tuning import lower_priority
 
@@ -275,7 +276,7 @@ class TextPreparer:
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: TextTokenizer,
         *,
         executor: Executor | None = None,
         inline_max_texts: int = 64,

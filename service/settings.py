@@ -18,6 +18,7 @@ from clip_core.config import DECODE_FORMATS
 from clip_core.registry import DEFAULT_MODEL
 
 from .batcher import BatcherConfig
+from .engines import ENGINE_NAMES
 
 
 class Settings(BaseSettings):
@@ -35,10 +36,12 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     cache_dir: Path | None = None  # where downloaded weights live
-    # What computes embeddings. torch: the model. null: no model and no weights, only the
-    # named model's shapes; each embedding is a unit vector hashed from its input, so the
-    # serving layer's own ceiling can be measured (loadtests/ceiling.py). Never serve it.
-    engine: Literal["torch", "null"] = "torch"
+    # What computes embeddings (service.engines), for every model whose spec names no
+    # engine of its own ("onnxruntime:ViT-B-32"). torch: the model. null: no model and no
+    # weights, only the named model's shapes; each embedding is a unit vector hashed from
+    # its input, so the serving layer's own ceiling can be measured (loadtests/ceiling.py).
+    # Never serve it.
+    engine: str = "torch"
     offline: bool = False  # never download weights
 
     # Batching (see service.batcher.BatcherConfig)
@@ -139,6 +142,13 @@ class Settings(BaseSettings):
             raise ValueError("at least one model is needed")
         if len(set(value)) != len(value):
             raise ValueError("a model is listed twice")
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        if value not in ENGINE_NAMES:
+            raise ValueError(f"unknown engine {value!r}; known: {', '.join(ENGINE_NAMES)}")
         return value
 
     @field_validator("device")

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from ..core import Engine, Items, TextEmbeddings
+from ..engines import split_engine
 from ..errors import InvalidRequest
 from ..metrics import CONTENT_TYPE
 from . import responses
@@ -217,13 +218,14 @@ async def models(engine: EngineDep) -> ModelList:
     for spec in engine.models.unavailable:
         cards.append(ModelCard(name=spec, dimension=0, image_size=0, context_length=0,
                                device="none", devices=[], dtype="none",
-                               engine=engine.models.settings.engine, status="unavailable"))
+                               engine=split_engine(spec, engine.models.settings.engine)[0],
+                               status="unavailable"))
     for m in engine.models.values():
         info = m.info
         cards.append(ModelCard(
             name=info.name, dimension=info.embed_dim, image_size=info.image_size,
             context_length=info.context_length, device=",".join(m.devices),
-            devices=m.devices, dtype=info.dtype, engine=info.engine,
+            devices=m.devices, dtype=info.dtype, engine=m.engine,
             status="ready" if m.ready else "unavailable",
         ))
     return ModelList(data=cards)

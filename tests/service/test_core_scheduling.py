@@ -201,16 +201,16 @@ def torch_threads(n: int):
 
 
 def test_the_model_loads_in_a_thread_that_ends(checkpoint, monkeypatch):
-    import service.models
+    import service.engines.torch_engine as torch_engine
 
     loaders: list[threading.Thread] = []
-    load = service.models.load
+    load = torch_engine.load
 
     def recording_load(*args, **kwargs):
         loaders.append(threading.current_thread())
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(service.models, "load", recording_load)
+    monkeypatch.setattr(torch_engine, "load", recording_load)
 
     async def scenario():
         engine = await started(checkpoint)

@@ -25,6 +25,7 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "WorkerUnavailable": (503, "unavailable"),
     "Draining": (503, "unavailable"),
     "ModelUnavailable": (503, "unavailable"),
+    "EngineUnavailable": (503, "unavailable"),
     "BatchFailed": (500, "inference_failed"),
     "BatchStalled": (500, "inference_failed"),
     "DeviceFailed": (500, "device_failed"),
