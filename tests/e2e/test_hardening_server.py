@@ -14,7 +14,7 @@ LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):  # noqa: F811
+def server(checkpoint):
     s = Server(checkpoint, env={"CLIP_MAX_BODY_BYTES": str(LIMIT)})
     yield s
     assert s.stop() == 0

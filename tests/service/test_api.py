@@ -42,9 +42,10 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def client(model, tmp_path_factory):
+def client(tmp_path_factory):
+    """An app serving `model`'s weights (the same seed), one per module that imports it."""
     path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
-    save_checkpoint(model, path, PREP)
+    save_checkpoint(random_clip(TINY, seed=3), path, PREP)
     app = create_app(Settings(models=[str(path)], log_format="text"))
     with TestClient(app) as c:
         yield c

@@ -6,12 +6,13 @@ import base64
 
 import numpy as np
 import pytest
-from conftest import random_clip
-from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
-from test_api import PREP, TINY, _b64, _png
+from test_api import (
+    _b64,
+    _png,
+    client,  # noqa: F401  (the same tiny model's app, per module)
+)
 
-from clip_core.checkpoint import save_checkpoint
 from service.api.schemas import (
     CLASSIFY_FORM,
     EMBED_FORM,
@@ -22,18 +23,8 @@ from service.api.schemas import (
     FormSpec,
     SimilarityRequest,
 )
-from service.app import create_app
-from service.settings import Settings
 
 RED, BLUE = _png((200, 10, 10)), _png((10, 10, 200), (30, 60))
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
-    save_checkpoint(random_clip(TINY, seed=3), path, PREP)
-    with TestClient(create_app(Settings(models=[str(path)], log_format="text"))) as c:
-        yield c
 
 
 def _files(name: str, images: list[bytes]) -> list:

@@ -7,21 +7,11 @@ import base64
 import numpy as np
 import openai
 import pytest
-from conftest import random_clip
-from fastapi.testclient import TestClient
-from test_api import PREP, TINY, _b64, _png
-
-from clip_core.checkpoint import save_checkpoint
-from service.app import create_app
-from service.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
-    save_checkpoint(random_clip(TINY, seed=3), path, PREP)
-    with TestClient(create_app(Settings(models=[str(path)], log_format="text"))) as c:
-        yield c
+from test_api import (
+    _b64,
+    _png,
+    client,  # noqa: F401  (the same tiny model's app, per module)
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import random_clip
-from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import TypeAdapter
-from test_api import PREP, TINY
+from test_api import (
+    client,  # noqa: F401  (the same tiny model's app, per module)
+)
 
-from clip_core.checkpoint import save_checkpoint
 from service.api import inputs, responses, routes
 from service.api.schemas import (
     EmbedResponse,
@@ -28,11 +27,9 @@ from service.api.schemas import (
     SimilarityResponse,
     TextEmbedding,
 )
-from service.app import create_app
 from service.core import TextEmbeddings
 from service.errors import EmptyInput, InvalidRequest
 from service.prepare import Base64Image
-from service.settings import Settings
 
 
 def _vectors(n: int, e: int, seed: int) -> np.ndarray:
@@ -144,14 +141,6 @@ def _big_png(pixels: int = 300) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(noise).save(buf, "PNG")
     return buf.getvalue()  # ~270 kB: incompressible noise
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
-    save_checkpoint(random_clip(TINY, seed=3), path, PREP)
-    with TestClient(create_app(Settings(models=[str(path)], log_format="text"))) as c:
-        yield c
 
 
 class _Threads:
