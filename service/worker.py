@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import logging
 import time
@@ -253,12 +254,17 @@ class ModelWorker:
     # ---- completion (event loop) ----
 
     def _resolve(self, outcomes: list[Outcome]) -> None:
+        failed_requests: dict[int, set[int]] = {}  # id(error) -> ids of requests it fails
+        for item, outcome in outcomes:
+            if not isinstance(outcome, ItemResult):
+                failed_requests.setdefault(id(outcome), set()).add(id(item.request))
         for item, outcome in outcomes:
             req = item.request
             if req.future.done():
                 continue
             if not isinstance(outcome, ItemResult):  # an error: ours, or one the input caused
-                self._fail(req, outcome, reason="failed")
+                shared = len(failed_requests[id(outcome)]) > 1  # one batch's failure
+                self._fail(req, own_instance(outcome) if shared else outcome, reason="failed")
                 continue
             req.results[item.index] = outcome
             req.remaining -= 1
@@ -271,6 +277,9 @@ class ModelWorker:
             f"deadline passed with {req.remaining} of {n} items unfinished"), reason="expired")
 
     def _fail(self, req: Request, error: Exception, reason: str) -> None:
+        # `error` must be this request's alone: raising an instance appends the raiser's
+        # frames to its traceback, so requests awaiting one shared instance would each
+        # grow the others' traceback and keep their frames alive.
         if not req.future.done():
             req.future.set_exception(error)
         self._purge(req, reason)
@@ -355,3 +364,17 @@ class ModelWorker:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def own_instance(error: Exception) -> Exception:
+    """A fresh instance of an error a failed batch gave every item it held, with the same
+    class, message, attributes and cause, and no traceback yet."""
+    try:
+        fresh = copy.copy(error)
+    except Exception:  # an exception class that cannot be rebuilt from its args
+        return error
+    if type(fresh) is not type(error) or str(fresh) != str(error):
+        return error
+    fresh.__cause__ = error.__cause__
+    fresh.__suppress_context__ = error.__suppress_context__
+    return fresh

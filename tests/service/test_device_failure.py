@@ -102,9 +102,15 @@ def test_a_broken_device_fails_the_batch_whole_and_the_worker_for_good():
             assert worker.ready and not worker.failed
             backend.resume()
             await blocker
+            errors = []
             for task in in_batch:
-                with pytest.raises(DeviceFailed):
+                with pytest.raises(DeviceFailed) as e:
                     await task
+                errors.append(e.value)
+            # One failure for the batch, but each request raises an instance of its own,
+            # so no request's traceback grows with another's frames.
+            assert len({id(e) for e in errors}) == 4
+            assert len({str(e) for e in errors}) == 1
             for task in queued:
                 with pytest.raises(WorkerUnavailable):
                     await task
