@@ -46,6 +46,10 @@ class ServedModel:
     engine: str = "torch"  # the service.engines name that serves it
     scoring: Scoring = "softmax"  # how /classify scores labels (service.engines.Scoring)
     logit_bias: float = 0.0
+    # The engine's fingerprint of its weights and preprocessing, computed once at load
+    # (clip_core.moderation.fingerprint): /moderate answers carry it, head files are
+    # checked against it.
+    fingerprint: str = ""
 
     @property
     def backend(self) -> ModelBackend:
@@ -178,7 +182,8 @@ class ServedModels(Mapping[str, ServedModel]):
         )
         return ServedModel(name=name, worker=replicas, images=images,
                            texts=TextPreparer(loaded.tokenizer), engine=engine,
-                           scoring=loaded.scoring, logit_bias=loaded.logit_bias)
+                           scoring=loaded.scoring, logit_bias=loaded.logit_bias,
+                           fingerprint=loaded.fingerprint)
 
     @property
     def ready(self) -> bool:

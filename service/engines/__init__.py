@@ -54,6 +54,10 @@ class EngineModel:
     tokenizer: TextTokenizer
     scoring: Scoring = "softmax"
     logit_bias: float = 0.0  # added to logit_scale x cosine before a sigmoid
+    # Names the weights and preprocessing exactly (clip_core.moderation.fingerprint, or
+    # the engine's own scheme with its name as prefix): a stored decision and a trained
+    # head are checked against it. "" when the engine has no weights to name.
+    fingerprint: str = ""
 
 
 EngineLoader = Callable[["Settings", str, list[str]], Awaitable[EngineModel]]

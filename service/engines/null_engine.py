@@ -21,4 +21,4 @@ async def load_null(settings: Settings, spec: str, devices: list[str]) -> Engine
     backends = [NullBackend(shape, device=device, threads=settings.torch_threads,
                             preprocess=settings.preprocess) for device in devices]
     return EngineModel(name=shape.name, preprocess=shape.preprocess, backends=backends,
-                       tokenizer=clip_tokenizer())
+                       tokenizer=clip_tokenizer(), fingerprint=f"null:{shape.name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 from clip_core.loader import LoadedModel, load
+from clip_core.moderation.fingerprint import model_fingerprint
 from clip_core.tokenizer import Tokenizer
 
 from ..backend import ClipBackend
@@ -37,5 +38,7 @@ async def load_torch(settings: Settings, spec: str, devices: list[str]) -> Engin
                                     warmup_tokens=s.max_batch_tokens,
                                     preprocess=s.preprocess, cuda_graphs=s.cuda_graphs))
     first = backends[0]  # settings never yield an empty device list
+    # Every replica holds the same weights: the first one's name them all.
+    fingerprint = await in_passing_thread(model_fingerprint, first.model, first.preprocess)
     return EngineModel(name=first.info.name, preprocess=first.preprocess, backends=backends,
-                       tokenizer=clip_tokenizer())
+                       tokenizer=clip_tokenizer(), fingerprint=fingerprint)
