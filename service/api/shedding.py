@@ -41,6 +41,7 @@ ROUTE_KINDS: dict[str, tuple[Kind, ...]] = {
     "/classify": ("image",),
     "/similarity": ("image", "text"),
     "/v1/embeddings": ("image", "text"),
+    "/moderate": ("image", "text"),
 }
 
 

@@ -43,6 +43,14 @@ def test_early_refusal_needs_every_kind_the_route_may_carry_refused():
     assert ROUTE_KINDS["/classify"] == ("image",)
 
 
+def test_every_route_that_takes_work_can_be_refused_from_its_headers():
+    # A new inference route left out of ROUTE_KINDS would read and parse every body a
+    # retry storm sends before refusing it.
+    app = create_app(Settings(log_format="text"))
+    posts = {path for path, ops in app.openapi()["paths"].items() if "post" in ops}
+    assert posts == set(ROUTE_KINDS)
+
+
 def test_the_dispatcher_answers_whether_a_request_would_be_refused_without_admitting_it():
     d = Dispatcher(BatcherConfig(max_batch_size=10, max_queue_wait_s=1.5), name="m",
                    release_hook=None, clock=FakeClock(100.0))
