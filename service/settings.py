@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(10, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # The browser playground at /playground (and / redirecting to it): a static page that
+    # calls the API with the visitor's key; off for a server that should answer API only.
+    playground: bool = True
+
     @field_validator("models", "image_formats", "url_allow_networks", "api_keys",
                      "cors_origins", mode="before")
     @classmethod
