@@ -41,7 +41,6 @@ class _Base:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._limits: Limits | None = None
-        self.retries = 0  # retried requests, over this client's life
 
     # ---- answers ----
     def _result(self, status: int, body: bytes, headers: Mapping[str, str]) -> errors.ClipError:
@@ -50,11 +49,8 @@ class _Base:
     def _wait(self, attempt: int, err: errors.ClipError, deadline: float) -> float | None:
         """Seconds to sleep before retrying `err`, or None to raise it."""
         assert err.status is not None
-        wait = self.retry.delay(attempt, err.status, err.retry_after, self._clock(), deadline,
+        return self.retry.delay(attempt, err.status, err.retry_after, self._clock(), deadline,
                                 self._random)
-        if wait is not None:
-            self.retries += 1
-        return wait
 
     def _request_timeout(self, deadline: float) -> float:
         return max(0.001, min(self.timeout, deadline - self._clock()))

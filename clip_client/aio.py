@@ -111,8 +111,9 @@ class AsyncClient(_Base):
         try:
             answers = await asyncio.gather(*tasks)
         finally:
-            for t in tasks:  # the first error ends the call: the rest are not awaited
+            for t in tasks:  # the first error ends the call: the rest are cancelled
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             bar.close()
         return plan.merge(list(answers))
 

@@ -69,7 +69,7 @@ def test_refused_chunks_are_retried_after_retry_after_and_the_call_succeeds():
     np.testing.assert_array_equal(got, np.stack([vector(t) for t in texts]))
     # 2 s and 1 s stretched by 0.2 x 0.5; then no header: U(0, 0.5 x 2^2) at 0.5.
     assert clock.sleeps == pytest.approx([2.2, 1.1, 1.0])
-    assert len(server.posts("/embed")) == 3 + 3 and c.retries == 3
+    assert len(server.posts("/embed")) == 3 + 3
 
 
 def test_a_retry_that_cannot_start_before_the_deadline_raises_the_typed_error():
@@ -101,3 +101,23 @@ def test_one_failing_chunk_fails_the_call_with_its_error():
     with _client(server, FakeClock(), max_concurrency=1) as c, \
             pytest.raises(errors.TextTooLong):
         c.embed_texts(["a", "b", "c"])
+
+
+def test_the_async_client_cancels_the_other_chunks_when_one_fails():
+    server = FakeServer(limits={"max_items_per_request": 1, "max_body_bytes": 1 << 20},
+                        script={"/embed": [error(413, "too_many_items")]})
+
+    async def handler(request):
+        await asyncio.sleep(0)  # a request takes a turn of the loop, as on a socket
+        return server(request)
+
+    async def go():
+        async with AsyncClient("http://fake", transport=httpx.MockTransport(handler),
+                               max_concurrency=1) as c:
+            with pytest.raises(errors.TooManyItems):
+                await c.embed_texts(["a", "b", "c", "d"])
+            return asyncio.all_tasks()
+
+    left = asyncio.run(go())
+    assert len(left) == 1  # only the test's own task: no chunk left running
+    assert len(server.posts("/embed")) < 4  # the rest never went out

