@@ -38,7 +38,14 @@ $(PROMETHEUS):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 
-test: install lint $(PROMETHEUS)
+# tests/e2e/test_playground.py drives Debian's Chromium through Playwright (which cannot
+# download its own browsers here); installed the same way, on the first `make test`.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation
+
+test: install lint $(PROMETHEUS) $(CHROMIUM)
 	$(PY) -m pytest
 
 bench: install

@@ -12,8 +12,10 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .api import errors
 from .api.access import Access
+from .api.info import info
 from .api.middleware import BodyLimit, Lifecycle, RequestLifecycle, RequestMetrics
 from .api.moderation import moderation as moderation_routes
+from .api.playground import Playground
 from .api.routes import health, inference
 from .api.shedding import Shedding
 from .core import Engine
@@ -65,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(inference)
     app.include_router(health)
     app.include_router(moderation_routes)
+    app.include_router(info)
 
     # Outermost last: CORS, lifecycle, request metrics, access, shedding, body cap, the
     # routes. Shedding after access: a caller without a valid key learns nothing of load.
@@ -75,8 +78,10 @@ def create_app(settings: Settings) -> FastAPI:
                if settings.rate_limit_per_s is not None else None)
     app.add_middleware(Access, keys=settings.api_keys, metrics_auth=settings.metrics_auth,
                        limiter=limiter)
+    if settings.playground:  # outside Access: the page asks for the key its calls send
+        app.add_middleware(Playground)
 
-    routers = (inference, health, moderation_routes)
+    routers = (inference, health, moderation_routes, info)
     paths = (getattr(r, "path", None) for router in routers for r in router.routes)
     known = frozenset(p for p in paths if isinstance(p, str))
     # Pure ASGI middleware throughout: Starlette's BaseHTTPMiddleware runs each request in

@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     # start-up (exit 1). None: /moderate has no policies.
     policies: Path | None = None
 
+    # The browser playground at /playground (and / redirecting to it): a static page that
+    # calls the API with the visitor's key; off for a server that should answer API only.
+    playground: bool = True
+
     @field_validator("models", "image_formats", "url_allow_networks", "api_keys",
                      "cors_origins", mode="before")
     @classmethod
