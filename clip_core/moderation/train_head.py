@@ -219,8 +219,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "class"
 
 
-def write_report(result: TrainResult, data: LabelledImages, folder: Path) -> str:
-    """metrics.md and pr_<class>.png in `folder`; returns the table."""
+def write_report(result: TrainResult, data: LabelledImages, folder: Path,
+                 plots: bool = True) -> str:
+    """metrics.md and (with `plots`) pr_<class>.png in `folder`; returns the table."""
     rows = [(c, m["precision"], m["recall"], m["f1"], m["average_precision"], int(m["support"]))
             for c, m in result.metrics.items()]
     table = markdown_table(["class", "precision", "recall", "F1", "AP", "support"], rows)
@@ -229,7 +230,7 @@ def write_report(result: TrainResult, data: LabelledImages, folder: Path) -> str
     (folder / "metrics.md").write_text(
         f"# Head validation ({len(result.val_index)} held-out images; decisions: {rule})\n\n"
         f"{table}", encoding="utf-8")
-    if result.val_probs is not None:
+    if plots and result.val_probs is not None:
         truth = data.labels[result.val_index]
         for c, name in enumerate(data.classes):
             if truth[:, c].any():
@@ -274,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16: the dtype it is served in")
+    p.add_argument("--no-plots", action="store_true", help="metrics.md only, no PR-curve PNGs")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -297,7 +299,7 @@ def run(args: argparse.Namespace) -> TrainResult:
           f"model {embedder.name} ({embedder.fingerprint[:19]}...)")
     if result.metrics:
         report = args.report or args.out.with_name(args.out.name + ".report")
-        print(write_report(result, data, report), end="")
+        print(write_report(result, data, report, plots=not args.no_plots), end="")
         print(f"report: {report}/metrics.md")
     else:
         print("no validation split (--val-split 0): no metrics")
