@@ -72,3 +72,42 @@ class ChecksumMismatch(CheckpointError):
 
 class WeightsUnavailable(ClipCoreError):
     """Weights are neither cached nor downloadable (offline, or the download failed)."""
+
+
+# ---- moderation (clip_core.moderation) ----
+# Policy and head files are the operator's, read at start-up or by the offline tools:
+# their errors are "ours" (a server that cannot load them does not start) and name the
+# file, so that start-up fails with a message that says what to fix.
+
+
+class ModerationFileError(ClipCoreError):
+    """A policy or head file that cannot be used. `path` names it."""
+
+    def __init__(self, path: object, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class PolicyInvalid(ModerationFileError):
+    """A policy file that does not parse or validate; `field` is the dotted path of the
+    first offending field (e.g. `categories.red.threshold`), or `(file)` when the file
+    itself cannot be read."""
+
+    def __init__(self, path: object, field: str, message: str):
+        self.field = field
+        super().__init__(path, f"field {field}: {message}")
+
+
+class HeadInvalid(ModerationFileError):
+    """A head file that is not a readable clip-head/1 safetensors file."""
+
+
+class HeadModelMismatch(ModerationFileError):
+    """A head trained on another model's embeddings (its fingerprint differs)."""
+
+    def __init__(self, path: object, expected: str, actual: str):
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            path, f"head was trained for model fingerprint {actual}, but the model it is "
+            f"loaded for has {expected}; retrain it with clip-train-head on that model")

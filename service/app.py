@@ -13,10 +13,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from .api import errors
 from .api.access import Access
 from .api.middleware import BodyLimit, Lifecycle, RequestLifecycle, RequestMetrics
+from .api.moderation import moderation as moderation_routes
 from .api.routes import health, inference
 from .api.shedding import Shedding
 from .core import Engine
 from .metrics import Metrics
+from .moderation import Moderation
 from .ratelimit import RateLimiter
 from .settings import Settings
 
@@ -33,10 +35,13 @@ def create_app(settings: Settings) -> FastAPI:
         engine = Engine(settings, metrics)
         metrics.on_scrape(engine.models.refresh_gauges)
         app.state.engine = engine
+        # The moderation policies (CLIP_POLICIES), checked against the served models.
+        app.state.moderation = moderation = Moderation(settings, engine, metrics)
         app.state.startup_error = None
         try:
             try:
                 await engine.start()
+                await moderation.start()
             except Exception as e:
                 # One line that says what to fix; clip-serve sees it and exits non-zero.
                 # A failed warm-up says why in its cause, logged by the worker.
@@ -58,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(inference)
     app.include_router(health)
+    app.include_router(moderation_routes)
 
     # Outermost last: CORS, lifecycle, request metrics, access, shedding, body cap, the
     # routes. Shedding after access: a caller without a valid key learns nothing of load.
@@ -69,7 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(Access, keys=settings.api_keys, metrics_auth=settings.metrics_auth,
                        limiter=limiter)
 
-    paths = (getattr(r, "path", None) for router in (inference, health) for r in router.routes)
+    routers = (inference, health, moderation_routes)
+    paths = (getattr(r, "path", None) for router in routers for r in router.routes)
     known = frozenset(p for p in paths if isinstance(p, str))
     # Pure ASGI middleware throughout: Starlette's BaseHTTPMiddleware runs each request in
     # an extra task and re-streams its response, a cost paid on every small request.

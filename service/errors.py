@@ -249,3 +249,20 @@ class ModelUnavailable(WorkerUnavailable):
 
 class BatchStalled(BatchFailed):
     """The batch ran past the watchdog's `stall_timeout_s`; its requests fail, others go on."""
+
+
+# ---- moderation (service.moderation) ----
+
+
+class PolicyNotFound(ServiceError):
+    """A moderation policy name that no loaded policy file defines."""
+
+    fault = Fault.NOT_FOUND
+    error_type = "policy_not_found"
+
+
+class UnknownCategory(ServiceError):
+    """A category that the named policy does not define."""
+
+    fault = Fault.UNPROCESSABLE
+    error_type = "unknown_category"

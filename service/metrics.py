@@ -93,6 +93,12 @@ class Metrics:
         self.in_flight = Gauge(
             "clip_requests_in_flight", "Requests accepted and not yet answered", registry=r,
         )
+        # Labels come from the operator's policy files (policy and category names), never
+        # from a request: a caller cannot grow the series. flagged: "true" or "false".
+        self.moderation_items = Counter(
+            "clip_moderation_items", "Items moderated, per policy category and decision",
+            ["policy", "category", "flagged"], registry=r,
+        )
         self.cuda_memory = Gauge(
             "clip_cuda_memory_allocated_bytes", "CUDA memory held by tensors", ["device"],
             registry=r,

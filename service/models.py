@@ -17,6 +17,7 @@ import torch
 from clip_core.config import PreprocessConfig
 from clip_core.errors import ModelNotFound
 from clip_core.loader import LoadedModel, load
+from clip_core.moderation.fingerprint import model_fingerprint
 from clip_core.tokenizer import Tokenizer
 
 from .backend import BackendInfo, ClipBackend
@@ -45,6 +46,9 @@ class ServedModel:
     worker: Replicas
     images: ImagePreparer
     texts: TextPreparer
+    # clip_core.moderation.model_fingerprint of its weights and preprocessing, computed
+    # once at load: /moderate answers carry it, head files are checked against it.
+    fingerprint: str = ""
 
     @property
     def backend(self) -> ModelBackend:
@@ -72,6 +76,14 @@ def cuda_memory_allocated() -> dict[str, int]:
         return {}
     return {f"cuda:{i}": torch.cuda.memory_allocated(i)
             for i in range(torch.cuda.device_count())}
+
+
+def weights_fingerprint(backend: ModelBackend) -> str:
+    """The fingerprint of a backend's weights (every replica's are the same); the null
+    engine has none, and says so."""
+    if isinstance(backend, ClipBackend):
+        return model_fingerprint(backend.model, backend.preprocess)
+    return f"null:{backend.info.name}"
 
 
 class ServedModels(Mapping[str, ServedModel]):
@@ -170,6 +182,7 @@ class ServedModels(Mapping[str, ServedModel]):
             worker_name = name if len(backends) == 1 else f"{name}@{label}"
             workers.append(ModelWorker(backend, batching, name=worker_name,
                                        events=self.metrics.for_worker(name, label)))
+        fingerprint = await in_passing_thread(weights_fingerprint, backends[0])
         replicas = Replicas(workers, labels)
         await replicas.start()  # WorkerUnavailable when a warm-up fails; nothing is kept
         images = ImagePreparer(
@@ -178,7 +191,7 @@ class ServedModels(Mapping[str, ServedModel]):
             exif_orientation=s.exif_orientation, mode=s.preprocess,
         )
         return ServedModel(name=name, worker=replicas, images=images,
-                           texts=TextPreparer(tokenizer))
+                           texts=TextPreparer(tokenizer), fingerprint=fingerprint)
 
     async def _torch_backends(self, spec: str, devices: list[str],
                               ) -> tuple[str, PreprocessConfig, list[ModelBackend]]:

@@ -184,6 +184,20 @@ class ImagePreparer:
             for f in futures:
                 f.cancel()  # no-op when done; a running decode finishes, unused
 
+    async def prepare_each(self, images: Sequence[ImageSource]
+                           ) -> list[ImagePayload | BaseException]:
+        """As `prepare`, but every image is tried and each failure is that image's own
+        outcome (the exception naming it, in its place) instead of the request's: for
+        /moderate, whose answers are per item (service.moderation)."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self._executor, self.prepare_one, i, data)
+                   for i, data in enumerate(images)]
+        try:
+            return list(await asyncio.gather(*futures, return_exceptions=True))
+        finally:
+            for f in futures:
+                f.cancel()  # cancelled caller: queued decodes are dropped
+
     def prepare_one(self, index: int, data: ImageSource) -> ImagePayload:
         """Blocking: check, decode, orient, resize and crop image `index` of a request;
         in device mode, a JPEG the device decodes is only checked."""

@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(10, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Moderation: a folder of policy files (*.yaml, *.yml, *.json; clip_core.moderation),
+    # loaded at start-up and checked against the served models; an invalid one ends
+    # start-up (exit 1). None: /moderate has no policies.
+    policies: Path | None = None
+
     @field_validator("models", "image_formats", "url_allow_networks", "api_keys",
                      "cors_origins", mode="before")
     @classmethod

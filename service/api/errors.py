@@ -129,10 +129,11 @@ OPENAPI_ERRORS: dict[int | str, dict] = {
     for code, kind in (
         (400, "invalid_request, invalid_image, url_not_allowed"),
         (401, "unauthorized (API keys configured; WWW-Authenticate: Bearer)"),
-        (404, "model_not_found"),
+        (404, "model_not_found, policy_not_found"),
         (413, "too_many_items, body_too_large, image_too_large"),
         (415, "unsupported_media_type, unsupported_image_format"),
-        (422, "invalid_request, text_too_long, invalid_text, invalid_input, fetch_failed"),
+        (422, "invalid_request, text_too_long, invalid_text, invalid_input, fetch_failed, "
+              "unknown_category"),
         (429, "rate_limited (Retry-After)"),
         (500, "inference_failed: the model failed on this input; device_failed: the device "
               "failed for good (the pod restarts)"),

@@ -224,7 +224,7 @@ async def models(engine: EngineDep) -> ModelList:
             name=info.name, dimension=info.embed_dim, image_size=info.image_size,
             context_length=info.context_length, device=",".join(m.devices),
             devices=m.devices, dtype=info.dtype, engine=info.engine,
-            status="ready" if m.ready else "unavailable",
+            status="ready" if m.ready else "unavailable", fingerprint=m.fingerprint,
         ))
     return ModelList(data=cards)
 

@@ -187,6 +187,9 @@ class ModelCard(BaseModel):
     dtype: str
     engine: str  # torch; null: embeddings hashed from the inputs, meaningless (CLIP_ENGINE)
     status: Literal["ready", "loading", "unavailable"]
+    # SHA-256 of the weights and preprocessing (clip_core.moderation.model_fingerprint),
+    # as /moderate answers name it; null for a model that did not load.
+    fingerprint: str | None = None
 
 
 class ModelList(BaseModel):
@@ -286,7 +289,77 @@ def _openapi_type(one: object, where: str) -> str:
     return _OPENAPI_TYPES[one]
 
 
+# ---- moderation (service.moderation) ----
+
+
+class ModerateRequest(_Strict):
+    policy: str = Field(description="a loaded policy (GET /v1/policies); it names the model")
+    categories: list[str] | None = Field(
+        None, min_length=1, description="a subset of the policy's categories; default: all")
+    texts: list[str] = Field(default_factory=list)
+    images: Images = Field(default_factory=list, description="base64, raw or data URI")
+    truncate: bool = Field(True, description="false: over-long texts are refused (422)")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [
+            {"policy": "shapes", "images": [RED_PIXEL_PNG], "texts": ["a red circle"]}
+        ]},
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> ModerateRequest:
+        if not self.texts and not self.images:
+            raise ValueError("give at least one text or image")
+        return self
+
+
+class CategoryResult(BaseModel):
+    score: float = Field(description="prompts: logit_scale x cosine margin; head: probability")
+    threshold: float
+    flagged: bool = Field(description="score >= threshold")
+
+
+class ModerationItem(BaseModel):
+    flagged: bool | None = Field(description="any category flagged; null when `error`")
+    categories: dict[str, CategoryResult] = Field(
+        description="the categories asked for that apply to the item's kind")
+    error: ErrorDetail | None = Field(
+        None, description="an image that could not be used fails its own item only")
+
+
+class ModerateResponse(BaseModel):
+    policy: str
+    version: int
+    model: str
+    fingerprint: str = Field(description="the model's weights and preprocessing, SHA-256")
+    categories: list[str]
+    texts: list[ModerationItem]
+    images: list[ModerationItem]
+
+
+class PolicyCategory(BaseModel):
+    kind: Literal["prompts", "head"]
+    threshold: float
+    description: str
+    applies_to: list[Literal["image", "text"]]
+
+
+class PolicyCard(BaseModel):
+    name: str
+    version: int
+    model: str
+    description: str
+    categories: dict[str, PolicyCategory]
+
+
+class PolicyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PolicyCard]
+
+
 EMBED_FORM = FormSpec.of(EmbedRequest)
 CLASSIFY_FORM = FormSpec.of(ClassifyRequest)
 SIMILARITY_FORM = FormSpec.of(SimilarityRequest,
                               nested={"queries": "query", "candidates": "candidate"})
+MODERATE_FORM = FormSpec.of(ModerateRequest)
