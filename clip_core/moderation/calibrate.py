@@ -19,9 +19,10 @@ The images are embedded with the server's model code and scored by the server's 
 
 The thresholds are written as the policy's next version (`version + 1`, with a
 `calibration` record per category), by default over the policy file itself: a policy
-folder holds one file per policy name, and the previous file is kept beside it as
-`<file>.v<old version>` (not a policy suffix, so the server does not load it). A report
-(`report.md`, a PR plot per category) goes to `--report` (default `<out>.calibration/`).
+folder holds one file per policy name, and the previous version is kept as
+`previous/<stem>.v<old version><suffix>` below it (the server reads no sub-folders). A
+report (`report.md`, a PR plot per category) goes to `--report` (default
+`<out>.calibration/`). Head paths are rewritten for wherever a file is written.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import datetime as dt
 import logging
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +157,7 @@ def calibrated_policy(policy: Policy, choices: dict[str, Choice], target: Target
                       data: str, out: Path, now: dt.datetime) -> Policy:
     """Version + 1, the chosen thresholds and their `calibration` records; head paths
     rewritten relative to `out`'s folder when it differs from the policy's."""
-    doc = policy_dict(policy)
+    doc = _relocated(policy, out)
     doc["version"] = policy.version + 1
     for name, choice in choices.items():
         cat = doc["categories"][name]
@@ -172,12 +172,23 @@ def calibrated_policy(policy: Policy, choices: dict[str, Choice], target: Target
             "date": now.isoformat(timespec="seconds"),
         }
         cat["threshold"] = choice.threshold
+    return parse_policy(doc, out)
+
+
+def _relocated(policy: Policy, out: Path) -> dict:
+    """The policy's file form, its head paths relative to `out`'s folder."""
+    doc = policy_dict(policy)
     for name, cat in policy.categories.items():
-        if cat.head is not None:
+        if cat.head is not None and not Path(cat.head.path).is_absolute():
             moved = Path(os.path.relpath(policy.head_path(cat.head).resolve(),
                                          out.resolve().parent))
             doc["categories"][name]["head"]["path"] = moved.as_posix()
-    return parse_policy(doc, out)
+    return doc
+
+
+def previous_path(policy_path: Path, version: int) -> Path:
+    """Where an overwritten version is kept: a sub-folder, which the server does not read."""
+    return policy_path.parent / "previous" / f"{policy_path.stem}.v{version}{policy_path.suffix}"
 
 
 def _slug(name: str) -> str:
@@ -229,6 +240,8 @@ def calibrate(policy_path: Path, *, embedder: Embedder, target: Target,
     policy = load_policy(policy_path)
     if (data_dir is None) == (csv is None):
         raise InvalidInput("give exactly one of --data or --csv")
+    # A head for another model is refused here as it is at the server's start-up.
+    heads = load_policy_heads(policy, expect_fingerprint=embedder.fingerprint)
     if data_dir is not None:
         paths, per_category = read_folders(data_dir, policy)
         source = str(data_dir)
@@ -236,8 +249,6 @@ def calibrate(policy_path: Path, *, embedder: Embedder, target: Target,
         assert csv is not None
         paths, per_category = read_csv(csv, policy)
         source = str(csv)
-    # A head for another model is refused here as it is at the server's start-up.
-    heads = load_policy_heads(policy, expect_fingerprint=embedder.fingerprint)
     scorer = PolicyScorer(policy, embedder.texts, heads, embedder.logit_scale)
     emb = embedder.images(paths)
     all_scores = scorer.score(emb, "image", categories=list(per_category))
@@ -254,7 +265,9 @@ def calibrate(policy_path: Path, *, embedder: Embedder, target: Target,
     nxt = calibrated_policy(policy, choices, target, source, out,
                             now or dt.datetime.now(dt.timezone.utc))
     if out.resolve() == policy_path.resolve():
-        shutil.copy2(policy_path, policy_path.with_name(f"{policy_path.name}.v{policy.version}"))
+        keep = previous_path(policy_path, policy.version)
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        dump_policy(parse_policy(_relocated(policy, keep), keep), keep)
     out.parent.mkdir(parents=True, exist_ok=True)
     dump_policy(nxt, out)
     report = report or out.with_name(out.name + ".calibration")
@@ -272,8 +285,8 @@ def parser() -> argparse.ArgumentParser:
     tgt.add_argument("--target-precision", type=float)
     tgt.add_argument("--target-fpr", type=float)
     p.add_argument("--out", type=Path, default=None,
-                   help="where the next version goes (default: over --policy, the old file "
-                        "kept as <file>.v<version>)")
+                   help="where the next version goes (default: over --policy, the old version "
+                        "kept in previous/<stem>.v<version>.yaml beside it)")
     p.add_argument("--report", type=Path, default=None,
                    help="report folder (default: <out>.calibration)")
     p.add_argument("--model", default=None,

@@ -144,10 +144,6 @@ def run(out: Path, embedder: Embedder, *, n_train: int = 1500, n_calibrate: int 
     calibration = calibrate(policy_file, embedder=embedder, target=target,
                             csv=data["calibrate"].categories_csv,
                             report=out / "calibration-report")
-    # The pre-calibration copy stays in the run's folder, not in the one the server loads.
-    old = policies / f"{example.name}.v1"
-    if old.exists():
-        old.rename(out / old.name)
     evaluation = evaluate(load_policy(policy_file), embedder, data["evaluate"])
     (out / "evaluation.md").write_text(
         f"# Policy {calibration.policy.name} v{calibration.policy.version} on "
