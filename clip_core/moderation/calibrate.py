@@ -199,7 +199,7 @@ def write_report(folder: Path, old: Policy, new: Policy, choices: dict[str, Choi
                  target: Target, scores: dict[str, tuple[np.ndarray, np.ndarray]],
                  data: str) -> str:
     """report.md and pr_<category>.png in `folder`; returns the table."""
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for name, cat in new.categories.items():
         if name not in choices:
             rows.append((name, cat.threshold, "not calibrated (no data)", "", "", "", "", ""))

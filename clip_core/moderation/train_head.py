@@ -108,11 +108,11 @@ def class_weights(labels: np.ndarray, classes: list[str], multi_label: bool,
     return len(labels) / (len(classes) * np.maximum(pos, 1.0))
 
 
-def _module(kind: Kind, dim: int, hidden: int, n_classes: int) -> torch.nn.Module:
+def _layers(kind: Kind, dim: int, hidden: int, n_classes: int) -> list[torch.nn.Linear]:
+    """The head's linear layers (ReLU between, for the MLP)."""
     if kind == "linear":
-        return torch.nn.Linear(dim, n_classes)
-    return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
-                               torch.nn.Linear(hidden, n_classes))
+        return [torch.nn.Linear(dim, n_classes)]
+    return [torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, n_classes)]
 
 
 def fit(emb: np.ndarray, labels: np.ndarray, multi_label: bool, weights: np.ndarray,
@@ -135,7 +135,9 @@ def fit(emb: np.ndarray, labels: np.ndarray, multi_label: bool, weights: np.ndar
     # A private generator: the caller's global torch RNG is neither read nor advanced.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net = _module(config.kind, dim, config.hidden, y.shape[1])
+        layers = _layers(config.kind, dim, config.hidden, y.shape[1])
+        net = (layers[0] if len(layers) == 1
+               else torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1]))
         order = torch.Generator().manual_seed(config.seed)
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr,
                                 weight_decay=config.weight_decay)
@@ -151,16 +153,14 @@ def fit(emb: np.ndarray, labels: np.ndarray, multi_label: bool, weights: np.ndar
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-    first = net if isinstance(net, torch.nn.Linear) else net[0]
-    assert isinstance(first, torch.nn.Linear)
+    first = layers[0]
     with torch.no_grad():
         # W (z) + b = (W / std) x + (b - W (mean / std))
         w1 = first.weight / std  # (H or C, D)
         b1 = first.bias - w1 @ mean
     if config.kind == "linear":
         return {"weight": w1.numpy(), "bias": b1.numpy()}
-    out = net[2]
-    assert isinstance(out, torch.nn.Linear)
+    out = layers[1]
     return {"hidden.weight": w1.numpy(), "hidden.bias": b1.numpy(),
             "out.weight": out.weight.detach().numpy(), "out.bias": out.bias.detach().numpy()}
 
