@@ -31,11 +31,11 @@ from ..scenes import SceneGenerator
 from .calibrate import Calibration, Target, calibrate
 from .data import read_label_csv
 from .embed import Embedder
-from .heads import load_policy_heads
+from .heads import load_policy_heads, save_head
 from .policy import Policy, load_policy
 from .reports import counts, markdown_table
 from .scoring import PolicyScorer, decide
-from .train_head import TrainConfig, train_head
+from .train_head import TrainConfig, train_head, write_report
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "policies" / "shapes.yaml"
 HEAD_FILE = "shapes-head.safetensors"  # as examples/policies/shapes.yaml names it
@@ -89,7 +89,8 @@ class Evaluation:
 
 def evaluate(policy: Policy, embedder: Embedder, scenes: SceneSet) -> Evaluation:
     """The policy's decisions on labelled scenes, scored as the server scores them."""
-    rows = list(csv.reader(scenes.categories_csv.open(encoding="utf-8")))
+    with scenes.categories_csv.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
     paths = [scenes.folder / r[0] for r in rows]
     heads = load_policy_heads(policy, expect_fingerprint=embedder.fingerprint)
     scorer = PolicyScorer(policy, embedder.texts, heads, embedder.logit_scale)
@@ -118,7 +119,8 @@ class Proof:
 
 def run(out: Path, embedder: Embedder, *, n_train: int = 1500, n_calibrate: int = 1000,
         n_evaluate: int = 1500, target: Target | None = None, epochs: int = 200,
-        example: Path = EXAMPLE, seeds: dict[str, int] | None = None) -> Proof:
+        example: Path = EXAMPLE, seeds: dict[str, int] | None = None,
+        plots: bool = True) -> Proof:
     seeds = seeds or SEEDS
     target = target or Target("precision", 0.95)
     data = {split: generate(out / "scenes" / split, seeds[split], n)
@@ -133,13 +135,10 @@ def run(out: Path, embedder: Embedder, *, n_train: int = 1500, n_calibrate: int 
 
     train = read_label_csv(data["train"].shapes_csv)
     emb = embedder.images(train.paths, desc="embedding training scenes")
-    from .heads import save_head
-    from .train_head import write_report
-
     result = train_head(train, emb, model=embedder.name, fingerprint=embedder.fingerprint,
                         config=TrainConfig(kind="linear", epochs=epochs))
     save_head(policies / HEAD_FILE, result.head)
-    head_table = write_report(result, train, out / "head-report")
+    head_table = write_report(result, train, out / "head-report", plots=plots)
 
     calibration = calibrate(policy_file, embedder=embedder, target=target,
                             csv=data["calibrate"].categories_csv,
