@@ -160,11 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-calibrate", type=int, default=1000)
     p.add_argument("--n-evaluate", type=int, default=1500)
     p.add_argument("--target-precision", type=float, default=0.95)
+    p.add_argument("--policy", type=Path, default=EXAMPLE,
+                   help="the version-1 policy (default: examples/policies/shapes.yaml)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     embedder = Embedder.from_name(args.model, progress=not args.no_progress)
     proof = run(args.out, embedder, n_train=args.n_train, n_calibrate=args.n_calibrate,
-                n_evaluate=args.n_evaluate, target=Target("precision", args.target_precision))
+                n_evaluate=args.n_evaluate, target=Target("precision", args.target_precision),
+                example=args.policy)
     print(f"head (validation split of {args.n_train} training scenes):\n{proof.head_table}")
     print(f"calibration ({args.n_calibrate} scenes, target "
           f"{Target('precision', args.target_precision).describe()}):\n"
