@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.startup_error = None
         try:
             try:
+                moderation.read()  # a bad policy file fails before the models load
                 await engine.start()
                 await moderation.start()
             except Exception as e:

@@ -1,7 +1,8 @@
 """Content moderation over the served models: the operator's policies, and /moderate.
 
-`Moderation` owns the policies from start-up on. `start` reads every file in
-`CLIP_POLICIES` (clip_core.moderation), and checks each against the served models: its
+`Moderation` owns the policies from start-up on. `read` reads every file in
+`CLIP_POLICIES` (clip_core.moderation) before the models load, so that an invalid file
+fails start-up at once; `start` then checks each against the served models: its
 `model` must be one of them, its heads must have been trained on that model (the
 fingerprint), and its prompt vectors are computed once, through the model's own text
 path (tokenizer, batching, worker), so that they are the vectors a request's texts would
@@ -121,15 +122,22 @@ class Moderation:
         self.policies: dict[str, LoadedPolicy] = {}
         # Policies whose model failed to load (on_model_load_failure=serve_others).
         self.unavailable: dict[str, str] = {}
+        self._files: dict[str, Policy] | None = None  # read, not yet checked
+
+    def read(self) -> None:
+        """Reads and validates every policy file (PolicyInvalid naming the file and the
+        field): before the models load, so that a bad file fails start-up at once."""
+        if self.settings.policies is not None:
+            self._files = load_policies(self.settings.policies)
 
     async def start(self) -> None:
-        """Loads and checks every policy file; raises PolicyInvalid (or the heads'
-        HeadInvalid, HeadModelMismatch) naming the file, which ends start-up."""
-        if self.settings.policies is None:
-            return
-        policies = await asyncio.to_thread(load_policies, self.settings.policies)
+        """Checks every policy against the served models, loads its heads and computes its
+        prompt vectors; raises PolicyInvalid (or the heads' HeadInvalid,
+        HeadModelMismatch) naming the file, which ends start-up."""
+        if self._files is None:
+            self.read()
         models = self.engine.models
-        for name, policy in policies.items():
+        for name, policy in (self._files or {}).items():
             if policy.model in models.unavailable:
                 log.error("policy %s is unavailable: its model %s failed to load",
                           name, policy.model)

@@ -53,7 +53,19 @@ def checkpoint(tmp_path):
     return path
 
 
-def test_every_series_the_dashboard_queries_is_exported_after_traffic(checkpoint, monkeypatch):
+# A prompt-only policy for the tiny model (named after its checkpoint's file): the
+# moderation panel's series is counted by /moderate.
+POLICY = """\
+name: demo
+version: 1
+model: tiny
+categories:
+  dark: {threshold: 0.0, prompts: {positive: [dark], negative: [light]}}
+"""
+
+
+def test_every_series_the_dashboard_queries_is_exported_after_traffic(checkpoint, monkeypatch,
+                                                                      tmp_path):
     if not torch.cuda.is_available():
         # The tiny model runs on the CPU here: stand in for the CUDA allocator's answer,
         # as a GPU host would give it. The gauge itself is set by the server.
@@ -61,8 +73,11 @@ def test_every_series_the_dashboard_queries_is_exported_after_traffic(checkpoint
                             lambda: {"cuda:0": 4096})
     # One stream and three queued items at most, so that a held batch of two images
     # leaves room for one text and refuses two more images.
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "demo.yaml").write_text(POLICY)
     app = create_app(Settings(models=[str(checkpoint)], streams=1, max_queue_items=3,
-                              max_queue_wait_s=None, log_format="text"))
+                              max_queue_wait_s=None, log_format="text",
+                              policies=tmp_path / "policies"))
     with TestClient(app) as c, ThreadPoolExecutor(1) as pool:
         backend = app.state.engine.model(None).backend
         run, entered, gate = backend.run, threading.Event(), threading.Event()
@@ -76,6 +91,8 @@ def test_every_series_the_dashboard_queries_is_exported_after_traffic(checkpoint
             assert c.post("/embed", json={"texts": ["a photo"]}).status_code == 200
         assert c.post("/classify", json={"images": [_png((9, 9, 9))], "labels": ["dark", "light"],
                                          "templates": ["a {} photo"]}).status_code == 200
+        assert c.post("/moderate", json={"policy": "demo", "images": [_png((9, 9, 9))]}
+                      ).status_code == 200
         backend.run = held
         try:
             busy = pool.submit(c.post, "/embed",

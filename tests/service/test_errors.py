@@ -43,6 +43,8 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "FetchTooLarge": (413, "image_too_large"),
     "Unauthorized": (401, "unauthorized"),
     "RateLimited": (429, "rate_limited"),
+    "PolicyNotFound": (404, "policy_not_found"),
+    "UnknownCategory": (422, "unknown_category"),
     # clip_core.errors
     "ClipCoreError": (500, "internal_error"),
     "InvalidInput": (422, "invalid_input"),
@@ -52,6 +54,11 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "CheckpointError": (500, "internal_error"),
     "ChecksumMismatch": (500, "internal_error"),
     "WeightsUnavailable": (500, "internal_error"),
+    # Policy and head files are the operator's: they end start-up, never reach a caller.
+    "ModerationFileError": (500, "internal_error"),
+    "PolicyInvalid": (500, "internal_error"),
+    "HeadInvalid": (500, "internal_error"),
+    "HeadModelMismatch": (500, "internal_error"),
 }
 
 # Constructors that take more than a message.
@@ -62,6 +69,10 @@ _ARGS: dict[str, tuple] = {
     "Unauthorized": (True,),
     "TextTooLong": (0, 90, 77),
     "ChecksumMismatch": ("w.safetensors", "ab", "cd"),
+    "ModerationFileError": ("p.yaml", "a message"),
+    "PolicyInvalid": ("p.yaml", "categories.red.threshold", "a message"),
+    "HeadInvalid": ("h.safetensors", "a message"),
+    "HeadModelMismatch": ("h.safetensors", "sha256:ab", "sha256:cd"),
 }
 
 

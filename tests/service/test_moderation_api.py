@@ -1,24 +1,39 @@
 """/moderate and /v1/policies on the shipped default model (builtin/clip-shapes), through
-the real app, lifespan and worker; scores checked against clip_core computed directly."""
+the real app, lifespan and worker; scores checked against clip_core computed directly.
+And policies at start-up: each is checked against the served models, and a bad one ends
+start-up naming the file (and the field); `clip-serve` then exits 1."""
 
 from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from clip_core.errors import HeadModelMismatch, PolicyInvalid
 from clip_core.loader import load
-from clip_core.moderation import Head, PolicyScorer, load_policy, model_fingerprint, save_head
+from clip_core.moderation import (
+    Head,
+    PolicyScorer,
+    load_policy,
+    load_policy_heads,
+    model_fingerprint,
+    save_head,
+)
 from clip_core.preprocess import ImageTransform
 from clip_core.registry import DEFAULT_MODEL
 from clip_core.scenes import SceneGenerator
 from clip_core.tokenizer import Tokenizer
 from service.app import create_app
+from service.metrics import Metrics
+from service.moderation import Moderation
 from service.settings import Settings
 
 POLICY = """\
@@ -106,15 +121,11 @@ def _direct_scorer(reference, policy_dir) -> PolicyScorer:
         with torch.no_grad():
             return loaded.model.encode_text(tok(texts).ids, normalize=True).numpy()
 
-    from clip_core.moderation import load_policy_heads
-
     scale = float(loaded.model.logit_scale.detach().float().exp())
     return PolicyScorer(policy, encode, load_policy_heads(policy, fp), scale)
 
 
 def _direct_images(reference, pngs: list[bytes]) -> np.ndarray:
-    from PIL import Image
-
     loaded, _ = reference
     t = ImageTransform(loaded.preprocess)
     with torch.no_grad():
@@ -231,7 +242,7 @@ def test_an_image_that_does_not_decode_fails_only_its_own_item(client):
     assert r.status_code == 400 and r.json()["error"]["type"] == "url_not_allowed"
 
 
-def test_scores_and_decisions_do_not_depend_on_the_batch(reference, policy_dir, tmp_path):
+def test_scores_and_decisions_do_not_depend_on_the_batch(client, reference, tmp_path):
     """The same images alone, in one batch, and in batches of other sizes and company:
     each score within 1e-6 of the embedding's units, and each decision the same wherever
     the score is further than that from its threshold. The red threshold is set at the
@@ -242,20 +253,16 @@ def test_scores_and_decisions_do_not_depend_on_the_batch(reference, policy_dir, 
     size (measured ~1e-7 per embedding component on this model). A head's score is a
     probability, bounded by 1e-6 as it is; a prompt score is logit_scale x a cosine
     margin, so its bound is 1e-6 x logit_scale (29 on this model)."""
-    pngs = [_scene_png(5, i) for i in range(12)]
+    pngs = [_scene_png(5, i) for i in range(8)]
     loaded, fp = reference
     scale = float(loaded.model.logit_scale.detach().float().exp())
     tolerance = {"red": 1e-6 * scale, "stars": 1e-6}
-    # First pass to place the red threshold at the median: both decisions occur.
-    app = create_app(Settings(policies=policy_dir, log_format="text", streams=1,
-                              max_batch_size=5))
-    with TestClient(app) as c:
-        first = c.post("/moderate", json={"policy": "shapes",
-                                          "images": [_b64(p) for p in pngs]}).json()
+    first = client.post("/moderate", json={"policy": "shapes",
+                                           "images": [_b64(p) for p in pngs]}).json()
     median = float(np.median([i["categories"]["red"]["score"] for i in first["images"]]))
     d = tmp_path / "median"
     write_policy(d, loaded.name, fp, loaded.model, red_threshold=median)
-    app = create_app(Settings(policies=d, log_format="text", streams=1, max_batch_size=5))
+    app = create_app(Settings(policies=d, log_format="text", streams=1, max_batch_size=3))
     with TestClient(app) as server:
         def run(idx):
             r = server.post("/moderate", json={"policy": "shapes",
@@ -263,9 +270,9 @@ def test_scores_and_decisions_do_not_depend_on_the_batch(reference, policy_dir, 
             assert r.status_code == 200, r.text
             return dict(zip(idx, r.json()["images"], strict=True))
 
-        whole = run(list(range(12)))  # batches of 5, 5, 2
-        groupings = [[i] for i in range(12)] + [[11, 3, 7], [0, 5, 1, 9, 2, 8, 4]]
-        flags = {c: [whole[i]["categories"][c]["flagged"] for i in range(12)]
+        whole = run(list(range(8)))  # batches of 3, 3, 2
+        groupings = [[i] for i in range(8)] + [[7, 3], [0, 5, 1, 6, 2]]
+        flags = {c: [whole[i]["categories"][c]["flagged"] for i in range(8)]
                  for c in ("red", "stars")}
         assert True in flags["red"] and False in flags["red"]
         for group in groupings:
@@ -298,3 +305,62 @@ def test_decisions_are_counted_by_policy_category_and_decision(client):
     assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} \
         == expected
     assert sum(expected.values()) == 4  # two texts x red, one image x (red, stars)
+
+
+# ---- start-up ----
+
+
+def _start(client, directory) -> Moderation:
+    """A second set of policies checked against the served model, as start-up does."""
+    mod = Moderation(Settings(policies=directory), client.app.state.engine, Metrics())
+    client.portal.call(mod.start)
+    return mod
+
+
+def test_a_good_policy_loads_with_prompt_vectors_from_the_served_model(client, reference,
+                                                                       tmp_path):
+    loaded, fp = reference
+    write_policy(tmp_path, loaded.name, fp, loaded.model)
+    mod = _start(client, tmp_path)
+    assert list(mod.policies) == ["shapes"]
+    assert mod.policies["shapes"].fingerprint == fp
+    # Computed through the server's text path, cached like any text.
+    assert client.app.state.engine.cache.lookup(loaded.name, ["a photo of a red shape"]).missing == []
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda t: t.replace("version: 3", "version: zero"), "version"),
+    (lambda t: t.replace("threshold: 0.5", "thresold: 0.5"), "categories.stars.threshold"),  # missing
+    (lambda t: t.replace("class: star", "class: moon"), "categories.stars.head.class"),
+    (lambda t: t.replace("model: builtin/clip-shapes", "model: ViT-B-32"), "model"),
+])
+def test_an_invalid_policy_names_the_file_and_the_field(client, reference, tmp_path, edit,
+                                                        field):
+    loaded, fp = reference
+    path = write_policy(tmp_path, loaded.name, fp, loaded.model)
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(PolicyInvalid) as e:
+        _start(client, tmp_path)
+    assert e.value.field == field and str(path) in str(e.value)
+
+
+def test_a_head_trained_for_another_model_is_refused(client, reference, tmp_path):
+    loaded, fp = reference
+    write_policy(tmp_path, loaded.name, "sha256:" + "0" * 64, loaded.model)
+    with pytest.raises(HeadModelMismatch) as e:
+        _start(client, tmp_path)
+    assert str(tmp_path / "stars.safetensors") in str(e.value) and fp in str(e.value)
+
+
+def test_clip_serve_exits_1_naming_the_file_and_the_field(tmp_path):
+    (tmp_path / "bad.yaml").write_text(POLICY.format(model=DEFAULT_MODEL, red_threshold="high"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", "--log-format", "text"],
+        capture_output=True, text=True, timeout=120,
+        env={"CLIP_POLICIES": str(tmp_path), "CLIP_STREAMS": "1", "PATH": "/usr/bin:/bin",
+             "PYTHONPATH": ":".join(sys.path)},
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line]
+    assert len(errors) == 1, errors
+    assert str(tmp_path / "bad.yaml") in errors[0] and "categories.red.threshold" in errors[0]
