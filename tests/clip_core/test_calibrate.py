@@ -115,7 +115,7 @@ scores_labels = st.integers(2, 40).flatmap(lambda n: st.tuples(
     st.lists(st.booleans(), min_size=n, max_size=n)))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scores_labels, st.sampled_from([0.0, 0.3, 0.5, 0.8, 0.9, 1.0]),
        st.sampled_from(["precision", "fpr"]))
 def test_choices_match_the_brute_force_reference(data, value, kind):

@@ -34,8 +34,8 @@ def embedder():
 
 @pytest.fixture(scope="module")
 def proof(embedder, tmp_path_factory):
-    return run(tmp_path_factory.mktemp("moderation"), embedder, n_train=240, n_calibrate=200,
-               n_evaluate=24, epochs=60, target=Target("precision", 0.9), seeds=SEEDS,
+    return run(tmp_path_factory.mktemp("moderation"), embedder, n_train=160, n_calibrate=160,
+               n_evaluate=24, epochs=40, target=Target("precision", 0.9), seeds=SEEDS,
                plots=False)
 
 
