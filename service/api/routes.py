@@ -226,7 +226,7 @@ async def models(engine: EngineDep) -> ModelList:
             name=info.name, dimension=info.embed_dim, image_size=info.image_size,
             context_length=info.context_length, device=",".join(m.devices),
             devices=m.devices, dtype=info.dtype, engine=m.engine,
-            status="ready" if m.ready else "unavailable",
+            status="ready" if m.ready else "unavailable", scoring=m.scoring,
         ))
     return ModelList(data=cards)
 

@@ -88,7 +88,10 @@ class ClassifyRequest(_Strict):
 
 class LabelScore(BaseModel):
     label: str
-    probability: float = Field(description="softmax over labels of logit_scale x cosine")
+    probability: float = Field(description=(
+        "softmax over the labels of logit_scale x cosine; for models whose scoring is "
+        "'sigmoid' (SigLIP, see /v1/models), sigmoid(logit_scale x cosine + logit_bias) per "
+        "label, independent of the other labels (scores need not sum to 1)"))
     cosine: float
 
 
@@ -187,6 +190,9 @@ class ModelCard(BaseModel):
     dtype: str
     engine: str  # torch; null: embeddings hashed from the inputs, meaningless (CLIP_ENGINE)
     status: Literal["ready", "loading", "unavailable"]
+    # How /classify scores labels: a softmax over them (CLIP) or an independent sigmoid
+    # per label (SigLIP); None for a model that did not load.
+    scoring: Literal["softmax", "sigmoid"] | None = None
 
 
 class ModelList(BaseModel):
