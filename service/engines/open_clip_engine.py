@@ -94,8 +94,8 @@ def preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
     mode = cfg.get("resize_mode", "shortest")
     if mode not in ("shortest", "squash"):
         raise ValueError(f"resize_mode {mode!r} is not supported (shortest, squash)")
-    return PreprocessConfig(image_size=int(size), mean=tuple(cfg["mean"]),  # type: ignore[arg-type]
-                            std=tuple(cfg["std"]),  # type: ignore[arg-type]
+    return PreprocessConfig(image_size=int(size), mean=tuple(cfg["mean"]),
+                            std=tuple(cfg["std"]),
                             interpolation=cfg.get("interpolation", "bicubic"),
                             resize_mode=mode)
 
@@ -106,7 +106,10 @@ def open_clip_preprocess(spec: OpenClipSpec, size: int | tuple[int, int]) -> dic
     image size. (create_model given a file rather than a tag keeps the defaults; the tag
     named beside a local file still describes how those weights were trained.)"""
     open_clip = require("open_clip", EXTRA, ENGINE)
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    from open_clip.transform import (  # type: ignore[import-untyped]
+        PreprocessCfg,
+        merge_preprocess_dict,
+    )
 
     cfg = dataclasses.asdict(PreprocessCfg())
     if spec.tag is not None:
