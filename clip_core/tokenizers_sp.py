@@ -127,13 +127,16 @@ class SentencePieceTokenizer:
         `sentencepiece`) or else a `tokenizer.json` (read with `tokenizers`), and
         `tokenizer_config.json` for the class, its flags and its pad token. Without a
         config, the class follows open_clip's naming rule: "siglip2" in `family_hint` means
-        Gemma, anything else T5."""
+        Gemma, another "siglip" T5; anything else needs the config."""
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
+        hint = family_hint.lower()
         cls_name = str(config.get("tokenizer_class") or (
-            "GemmaTokenizer" if "siglip2" in family_hint.lower() else "SiglipTokenizer"))
-        cls_name = cls_name.removesuffix("Fast")
+            "GemmaTokenizer" if "siglip2" in hint else "SiglipTokenizer" if "siglip" in hint
+            else "")).removesuffix("Fast")
+        if not cls_name:
+            raise ValueError(f"{folder}: tokenizer_config.json names no tokenizer_class")
         if cls_name not in _CLASS_SPECIALS:
             raise ValueError(f"{folder}: tokenizer class {cls_name!r} is not supported; "
                              f"known: {', '.join(_CLASS_SPECIALS)}")

@@ -38,6 +38,7 @@ from clip_core.loader import resolve_dtype
 from clip_core.tokenizers_sp import TOKENIZER_FILES, SentencePieceTokenizer
 
 from ..backend import BackendInfo, ClipBackend
+from ..errors import EngineUnavailable
 from ..settings import Settings
 from ..tuning import in_passing_thread
 from . import EngineModel, Scoring, TextTokenizer, require
@@ -340,8 +341,8 @@ async def load_open_clip(settings: Settings, spec: str, devices: list[str]) -> E
     with the preprocessing, tokenizer and scoring of its weights."""
     require("open_clip", EXTRA, ENGINE)
     if settings.preprocess == "device":
-        raise ModelNotFound("the open_clip engine decodes images in the decode pool only; "
-                            "unset preprocess=device for open_clip models")
+        raise EngineUnavailable("the open_clip engine decodes images in the decode pool "
+                                "only; unset CLIP_PREPROCESS=device to serve open_clip models")
     parsed = OpenClipSpec.parse(spec)
     loaded_on: dict[str, tuple[Any, PreprocessConfig, TextTokenizer, TextLayout]] = {}
     backends: list[OpenClipBackend] = []

@@ -129,4 +129,12 @@ def test_cleaning_follows_open_clip():
 
 def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer file"):
-        SentencePieceTokenizer.from_folder(tmp_path, context_length=CTX, clean="canonicalize")
+        SentencePieceTokenizer.from_folder(tmp_path, context_length=CTX, clean="canonicalize",
+                                           family_hint="ViT-B-16-SigLIP")
+
+
+def test_a_folder_whose_class_cannot_be_told_is_refused(vocabularies):
+    _, _, model_only = vocabularies  # a bare .model: only a SigLIP name says which scheme
+    with pytest.raises(ValueError, match="names no tokenizer_class"):
+        SentencePieceTokenizer.from_folder(model_only, context_length=CTX, clean="whitespace",
+                                           family_hint="xlm-roberta-base-ViT-B-32")

@@ -5,7 +5,7 @@ tokenizer folder, preprocessing equal to open_clip's own transform, sigmoid scor
 The API tests serve a tiny SigLIP-shaped architecture registered with open_clip here (a
 sigmoid-trained model with a logit bias, a T5-style SentencePiece tokenizer trained in the
 test): every code path of the real ones at a fraction of a second. Real sizes are in
-tests/parity/test_open_clip_engine.py."""
+tests/parity/test_open_clip_engine_parity.py."""
 
 from __future__ import annotations
 
@@ -123,6 +123,11 @@ def test_a_missing_extra_ends_start_up_naming_the_package(monkeypatch):
     app = create_app(_settings("open_clip:MobileCLIP-S1/datacompdr", random_weights=True))
     with TestClient(app):  # the process exits 1 on a start-up error (service.__main__)
         assert "'timm'" in app.state.startup_error
+
+
+def test_device_preprocessing_is_refused_at_start_up():
+    with pytest.raises(EngineUnavailable, match="CLIP_PREPROCESS=device"):
+        _load("ViT-B-16-SigLIP/webli", random_weights=True, preprocess="device")
 
 
 @pytest.mark.parametrize(("spec", "missing"), [

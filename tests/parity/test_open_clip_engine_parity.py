@@ -33,10 +33,15 @@ TEXTS = ["a dog", "A Photo of the CAT, sitting!", "kato rimo senpa lude " * 20, 
 
 
 def _images() -> list[Image.Image]:
+    """Noise of a different colour and contrast each, so that the towers tell them apart."""
     rng = np.random.default_rng(0)
-    shapes = [(320, 240), (123, 301), (256, 256)]
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-            for w, h in shapes]
+    looks = [((320, 240), (40, 200, 90), 30), ((123, 301), (220, 30, 60), 120),
+             ((256, 256), (90, 90, 250), 60)]
+    out = []
+    for (w, h), colour, spread in looks:
+        noise = rng.normal(0, spread, (h, w, 3)) + np.array(colour)
+        out.append(Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,14 @@ def _engine_model(spec: str):
     settings = Settings(models=[f"open_clip:{spec}"], device="cpu", dtype="fp32",
                         random_weights=True, log_format="text")
     torch.manual_seed(0)
-    return asyncio.run(loader("open_clip")(settings, spec, ["cpu"]))
+    em = asyncio.run(loader("open_clip")(settings, spec, ["cpu"]))
+    # open_clip's initialisation leaves the text towers all but blind to their input
+    # (texts differ by ~1e-6, below the tolerance); noise on every weight makes a wrong
+    # id or pad show (batch-norm statistics are buffers and stay valid).
+    with torch.no_grad():
+        for p in em.backends[0].model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    return em
 
 
 def _reference_transform(arch: str, tag: str, size: int):
@@ -85,9 +97,10 @@ def _check(em, arch: str, tag: str, reference_tokenizer) -> None:
         ref_texts = model.encode_text(reference_tokenizer(TEXTS))
     np.testing.assert_allclose(ours_images, ref_images.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(ours_texts, ref_texts.numpy(), atol=1e-5, rtol=0)
-    # The embeddings are not degenerate: different inputs, different vectors.
-    assert np.abs(ours_texts[0] - ours_texts[1]).max() > 1e-3
-    assert np.abs(ours_images[0] - ours_images[1]).max() > 1e-3
+    # The check can fail: different inputs differ by ten times the tolerance or more
+    # (MobileCLIP's random image tower is the least sensitive, ~4e-4).
+    for ours in (ours_texts, ours_images):
+        assert np.abs(ours[0] - ours[1]).max() > 1e-4
 
 
 def test_siglip_matches_open_clip(siglip_tokenizer_folder):
