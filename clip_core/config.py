@@ -24,6 +24,9 @@ DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 Activation = Literal["quick_gelu", "gelu"]
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
+# "shortest": the shorter side to the image size, then the centre square (CLIP's way);
+# "squash": the whole image to a square, aspect ratio not kept (DFN-5B's weights, SigLIP's).
+ResizeMode = Literal["shortest", "squash"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class VisionConfig:
     layers: int | tuple[int, ...]  # ViT: blocks; ResNet: bottlenecks per stage
     patch_size: int = 0  # ViT only
     heads: int = 0  # 0 = OpenAI's rule (ViT: width // 64, ResNet: width * 32 // 64)
+    # The MLP's hidden width; 0 = 4 * width. Only g/14 (6144) and bigG/14 (8192) differ:
+    # open_clip's JSON gives them as ratios (4.3637, 4.9231), a width is exact.
+    mlp_width: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
@@ -44,6 +50,10 @@ class VisionConfig:
             raise ValueError("a ViT vision config needs patch_size")
         if self.kind == "resnet" and (not isinstance(self.layers, tuple) or len(self.layers) != 4):
             raise ValueError("a ResNet vision config needs four stage depths")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_width or 4 * self.width
 
     @property
     def n_heads(self) -> int:
@@ -59,6 +69,11 @@ class TextConfig:
     width: int = 512
     heads: int = 8
     layers: int = 12
+    mlp_width: int = 0  # 0 = 4 * width
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_width or 4 * self.width
 
 
 @dataclass(frozen=True)
@@ -90,12 +105,9 @@ class CLIPConfig:
         v, t = dict(d["vision_cfg"]), dict(d.get("text_cfg", {}))
         vis = set(v) - {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
         txt = set(t) - {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
-        ratios = {v.get("mlp_ratio", 4), t.get("mlp_ratio", 4)}
-        if top or vis or txt or ratios != {4}:
+        if top or vis or txt:
             unknown = sorted(top) + [f"vision_cfg.{k}" for k in sorted(vis)]
             unknown += [f"text_cfg.{k}" for k in sorted(txt)]
-            if ratios != {4}:
-                unknown.append("mlp_ratio != 4")
             raise ValueError(f"unsupported open_clip options: {', '.join(unknown)}")
         resnet = isinstance(v["layers"], (list, tuple))
         width = v["width"]
@@ -108,11 +120,14 @@ class CLIPConfig:
             layers=tuple(v["layers"]) if resnet else v["layers"],
             patch_size=0 if resnet else v["patch_size"],
             heads=heads,
+            mlp_width=_mlp_width(width, v.get("mlp_ratio", 4)),
         )
+        text = {k: x for k, x in t.items() if k != "mlp_ratio"}
+        text["mlp_width"] = _mlp_width(t.get("width", TextConfig.width), t.get("mlp_ratio", 4))
         return cls(
             embed_dim=d["embed_dim"],
             vision=vision,
-            text=TextConfig(**{k: x for k, x in t.items() if k != "mlp_ratio"}),
+            text=TextConfig(**text),
             act="quick_gelu" if d.get("quick_gelu", False) else "gelu",
         )
 
@@ -127,6 +142,12 @@ class CLIPConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def _mlp_width(width: int, ratio: float) -> int:
+    """open_clip's hidden width, int(width * mlp_ratio); 0 when it is the usual 4 * width."""
+    hidden = int(width * ratio)
+    return 0 if hidden == 4 * width else hidden
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How images must be prepared for one set of weights."""
@@ -135,8 +156,7 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: Interpolation = "bicubic"
-    # "shortest": resize the shorter side to image_size, then centre-crop (CLIP's way).
-    resize_mode: Literal["shortest"] = "shortest"
+    resize_mode: ResizeMode = "shortest"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))

@@ -8,6 +8,7 @@ fetching the same file at once each install a complete copy.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -271,3 +272,165 @@ def _check_filename(name: str) -> None:
     # The name comes from a URL or a registry; it must not point outside the cache directory.
     if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise ValueError(f"unsafe cache file name: {name!r}")
+
+
+# ---- the Hugging Face hub ----------------------------------------------------------------
+#
+# Files on the hub are fetched by huggingface_hub, so its cache layout, HF_ENDPOINT
+# (mirrors), HF_HUB_OFFLINE, HF_TOKEN and resumable downloads behave as in every other tool.
+# The hub publishes no SHA-256 we could pin ahead of time for open_clip's weights, so the
+# first download records the file's hash in `SHA256_RECORD` in our cache directory and every
+# later load checks the file against it (trust on first use; a registry entry that knows the
+# hash checks against that instead).
+
+SHA256_RECORD = "hf-sha256.json"
+HF_CACHE_SUBDIR = "huggingface"
+
+
+def hf_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path | None:
+    """Where hub files go: `<cache_dir>/huggingface` (a hub cache, its own layout) when a
+    cache directory is given, so one folder holds a whole air-gapped install; else None,
+    huggingface_hub's own cache (HF_HUB_CACHE, HF_HOME, ~/.cache/huggingface/hub)."""
+    return None if cache_dir is None else Path(cache_dir) / HF_CACHE_SUBDIR
+
+
+def fetch_hf(
+    repo: str,
+    filenames: tuple[str, ...] | list[str],
+    sha256: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    *,
+    record_dir: str | os.PathLike[str],
+    revision: str | None = None,
+    offline: bool = False,
+    progress: bool = True,
+) -> Path:
+    """The local path of the first of `filenames` that hub repository `repo` has, fetched
+    through huggingface_hub into `hf_cache_dir(cache_dir)` and verified.
+
+    `sha256` is checked when given; otherwise the hash recorded in `record_dir` at the
+    first download is, and a file seen for the first time has its hash recorded. A cached
+    file that fails the check is downloaded once more (unless offline) before
+    ChecksumMismatch is raised. `offline` uses the cache only, as HF_HUB_OFFLINE=1 does.
+    Raises WeightsUnavailable when no file can be had.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
+
+    expected = _normalise_sha256(sha256) if sha256 else None
+    hub_cache = hf_cache_dir(cache_dir)
+    reasons: list[str] = []
+    for filename in filenames:
+        _check_filename(filename)
+        key = f"{repo}/{filename}"
+        try:
+            path = Path(
+                hf_hub_download(
+                    repo, filename, revision=revision, cache_dir=hub_cache,
+                    local_files_only=offline, library_name="clip-server",
+                    tqdm_class=None if progress else _SilentTqdm,
+                )
+            )
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+            # Not cached, and downloads are off or the endpoint cannot be reached.
+            reasons.append(f"{filename}: not in the cache ({_first_line(exc)})")
+            continue
+        except EntryNotFoundError:
+            # The repository has no such file: try the next name.
+            reasons.append(f"{filename}: not in the repository")
+            continue
+        except HfHubHTTPError as exc:
+            if exc.response is not None and exc.response.status_code == 404:
+                # A mirror may answer a plain 404 without the hub's X-Error-Code.
+                reasons.append(f"{filename}: HTTP 404")
+                continue
+            raise WeightsUnavailable(
+                f"could not fetch {key} from the Hugging Face hub: {_first_line(exc)}; "
+                f"{_offline_hint(repo, cache_dir)}"
+            ) from exc
+        except Exception as exc:  # HTTP errors, network errors, bad repository names
+            raise WeightsUnavailable(
+                f"could not fetch {key} from the Hugging Face hub: {_first_line(exc)}; "
+                f"{_offline_hint(repo, cache_dir)}"
+            ) from exc
+        record = Path(record_dir) / SHA256_RECORD
+        want = expected or _recorded(record, key)
+        actual = sha256_file(path)
+        if want is not None and actual != want and not offline:
+            # A cache damaged on disk is repaired by a fresh copy; a changed file is not.
+            logger.warning("%s has SHA-256 %s, expected %s; downloading it again",
+                           path, actual, want)
+            try:
+                path = Path(hf_hub_download(repo, filename, revision=revision,
+                                            cache_dir=hub_cache, force_download=True,
+                                            library_name="clip-server",
+                                            tqdm_class=None if progress else _SilentTqdm))
+                actual = sha256_file(path)
+            except Exception as exc:  # offline by HF_HUB_OFFLINE, or the fetch failed
+                logger.warning("could not fetch %s again: %s", key, _first_line(exc))
+        if want is not None and actual != want:
+            source = "the registry's" if expected else f"the one recorded in {record}"
+            err = ChecksumMismatch(f"{key} at {path}", want, actual)
+            fix = "" if expected else (f". If the repository really changed, delete its "
+                                       f"line from {record}")
+            err.args = (f"{err} ({source}); the file is not used{fix}",)
+            raise err
+        if want is None:
+            _record(record, key, actual, commit=path.parent.name)
+            logger.info("%s: first download, SHA-256 %s recorded in %s", key, actual, record)
+        return path
+    raise WeightsUnavailable(
+        f"no weights for {repo} ({'; '.join(reasons)}); {_offline_hint(repo, cache_dir)}"
+    )
+
+
+def _offline_hint(repo: str, cache_dir: str | os.PathLike[str] | None) -> str:
+    where = f"--cache-dir {cache_dir}" if cache_dir is not None else "the same cache settings"
+    return (f"on a machine with access to the hub (or an HF_ENDPOINT mirror) run "
+            f"`clip-fetch hf-hub:{repo} {where}` and copy the cache folder here")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _recorded(record: Path, key: str) -> str | None:
+    try:
+        data = json.loads(record.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailable(f"cannot read the SHA-256 record {record}: {exc}") from exc
+    value = data.get(key, {}).get("sha256") if isinstance(data, dict) else None
+    return _normalise_sha256(value) if isinstance(value, str) else None
+
+
+def _record(record: Path, key: str, sha256: str, *, commit: str) -> None:
+    """Adds `key` to the JSON record, under a file lock and through an atomic replace, so
+    two processes downloading different models at once both keep their line."""
+    from filelock import FileLock
+
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(record) + ".lock"):
+        try:
+            data = json.loads(record.read_text())
+        except FileNotFoundError:
+            data = {}
+        data.setdefault(key, {"sha256": sha256, "commit": commit})
+        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=record.name + ".", suffix=".part")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, record)
+
+
+class _SilentTqdm(tqdm):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)

@@ -157,22 +157,22 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, width: int, act: str):
+    def __init__(self, width: int, act: str, hidden: int):
         super().__init__()
-        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_fc = nn.Linear(width, hidden)
         self.gelu = activation(act)
-        self.c_proj = nn.Linear(4 * width, width)
+        self.c_proj = nn.Linear(hidden, width)
 
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, act: str, ln_eps: float):
+    def __init__(self, width: int, heads: int, act: str, ln_eps: float, mlp_width: int):
         super().__init__()
         self.ln_1 = LayerNorm(width, eps=ln_eps)
         self.attn = SelfAttention(width, heads)
         self.ln_2 = LayerNorm(width, eps=ln_eps)
-        self.mlp = MLP(width, act)
+        self.mlp = MLP(width, act, mlp_width)
 
     def forward(
         self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None
@@ -190,11 +190,13 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, act: str, ln_eps: float):
+    def __init__(self, width: int, layers: int, heads: int, act: str, ln_eps: float,
+                 mlp_width: int = 0):
         super().__init__()
         self.width = width
+        mlp_width = mlp_width or 4 * width  # (B, L, D) -> (B, L, mlp_width) -> (B, L, D)
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, act, ln_eps) for _ in range(layers)
+            ResidualAttentionBlock(width, heads, act, ln_eps, mlp_width) for _ in range(layers)
         )
 
     def forward(

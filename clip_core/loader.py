@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from . import hub
 from .checkpoint import build_model, read_checkpoint
-from .config import PreprocessConfig, load_architecture
+from .config import CLIPConfig, PreprocessConfig, load_architecture
 from .errors import ModelNotFound
+from .fetch import fetch_entry
 from .model import CLIP
 from .registry import ModelEntry, get_entry
 
@@ -40,8 +40,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return table[dtype]
 
 
-def _random_model(name: str, arch: str, preprocess: PreprocessConfig | None) -> LoadedModel:
-    cfg = load_architecture(arch)
+def _random_model(
+    name: str, arch: str | CLIPConfig, preprocess: PreprocessConfig | None
+) -> LoadedModel:
+    cfg = load_architecture(arch) if isinstance(arch, str) else arch
     log.warning(
         "model %s uses RANDOM weights: its embeddings mean nothing (tests and benchmarks only)",
         name,
@@ -100,21 +102,17 @@ def load(
             if random_weights:
                 # Named after the architecture: these are not the entry's weights.
                 name = f"{entry.architecture}-random"
-                loaded = _random_model(name, entry.architecture, entry.preprocess)
+                loaded = _random_model(name, entry.config(), entry.preprocess)
             elif entry.builtin:
                 file = _builtin_file(entry, entry.builtin)
-                model = build_model(read_checkpoint(file), load_architecture(entry.architecture))
+                model = build_model(read_checkpoint(file), entry.config())
                 loaded = LoadedModel(entry.name, model, entry.preprocess, str(file))
             else:
-                file = hub.fetch(
-                    entry.url,
-                    entry.sha256,
-                    Path(cache_dir) if cache_dir else hub.default_cache_dir(),
-                    entry.filename,
-                    offline=offline,
-                    progress=progress,
-                )
-                model = build_model(read_checkpoint(file), load_architecture(entry.architecture))
-                loaded = LoadedModel(entry.name, model, entry.preprocess, str(file))
+                fetched = fetch_entry(entry, Path(cache_dir) if cache_dir else None,
+                                      offline=offline, progress=progress)
+                if fetched is None:
+                    raise ModelNotFound(f"{entry.name}: the registry names no weights file")
+                model = build_model(read_checkpoint(fetched), entry.config())
+                loaded = LoadedModel(entry.name, model, entry.preprocess, str(fetched))
     loaded.model = loaded.model.to(device=device, dtype=resolve_dtype(dtype, device))
     return loaded

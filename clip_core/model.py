@@ -35,7 +35,8 @@ class CLIP(nn.Module):
         )
         self.token_embedding = nn.Embedding(t.vocab_size, t.width)
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
-        self.transformer = Transformer(t.width, t.layers, t.heads, cfg.act, cfg.ln_eps)
+        self.transformer = Transformer(
+            t.width, t.layers, t.heads, cfg.act, cfg.ln_eps, t.mlp_hidden)
         self.ln_final = LayerNorm(t.width, eps=cfg.ln_eps)
         self.text_projection = nn.Parameter(torch.empty(t.width, cfg.embed_dim))
         # Stored as a log so the learned temperature stays positive; CLIP starts at 1/0.07.
@@ -124,6 +125,14 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
     return len(ids)
 
 
+def _mlp_width(state_dict: dict[str, torch.Tensor], c_fc: str) -> int:
+    """The MLP's hidden width from c_fc's (hidden, width) weight; 0 when it is 4 * width."""
+    if c_fc not in state_dict:
+        return 0
+    hidden, width = state_dict[c_fc].shape
+    return 0 if hidden == 4 * width else int(hidden)
+
+
 def infer_config(
     state_dict: dict[str, torch.Tensor], act: Activation = "quick_gelu"
 ) -> CLIPConfig:
@@ -142,6 +151,7 @@ def infer_config(
             width=width,
             layers=_count_blocks(sd, "visual.transformer.resblocks."),
             patch_size=patch,
+            mlp_width=_mlp_width(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight"),
         )
     elif "visual.attnpool.positional_embedding" in sd:
         spatial = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -160,5 +170,6 @@ def infer_config(
         width=text_width,
         heads=text_width // 64,
         layers=_count_blocks(sd, "transformer.resblocks."),
+        mlp_width=_mlp_width(sd, "transformer.resblocks.0.mlp.c_fc.weight"),
     )
     return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, act=act)

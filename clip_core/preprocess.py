@@ -94,7 +94,7 @@ class ImageTransform:
     """
 
     def __init__(self, cfg: PreprocessConfig, mode_policy: ModePolicy = "reference"):
-        if cfg.resize_mode != "shortest":
+        if cfg.resize_mode not in ("shortest", "squash"):
             raise ValueError(f"unsupported resize_mode {cfg.resize_mode!r}")
         if cfg.interpolation not in _FILTERS:
             raise ValueError(f"unsupported interpolation {cfg.interpolation!r}")
@@ -141,9 +141,12 @@ class ImageTransform:
         return _to_rgb(self._resize_crop(_resizable(image)))
 
     def _resize_crop(self, image: Image.Image) -> Image.Image:
-        """Shorter side to S, then the centre S×S, with torchvision's sizes and offsets."""
+        """Shorter side to S, then the centre S×S, with torchvision's sizes and offsets;
+        or, for "squash" weights, the whole image to S×S (torchvision's Resize((S, S)))."""
         n = self.size
         w, h = image.size
+        if self.cfg.resize_mode == "squash":
+            return image if (w, h) == (n, n) else _resize(image, (n, n), self._filter)
         if w <= h:
             new_w, new_h = n, int(n * h / w)
         else:

@@ -217,7 +217,8 @@ class TensorPreprocessor:
         """(3, H, W) uint8 -> (3, S, S) uint8: ImageTransform._resize_crop on a tensor."""
         n = self.size
         h, w = image.shape[-2:]
-        new_w, new_h = _resized_size(w, h, n)
+        # "squash": the whole image to S×S; the crop below is then the whole of it.
+        new_w, new_h = (n, n) if self.cfg.resize_mode == "squash" else _resized_size(w, h, n)
         top, left = round((new_h - n) / 2.0), round((new_w - n) / 2.0)
         if (new_w, new_h) == (w, h):
             return image[:, top : top + n, left : left + n]

@@ -23,7 +23,8 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, v.width))
         self.ln_pre = LayerNorm(v.width, eps=cfg.ln_eps)
         assert isinstance(v.layers, int)  # a ViT's depth is one number; a ResNet's is four
-        self.transformer = Transformer(v.width, v.layers, v.n_heads, cfg.act, cfg.ln_eps)
+        self.transformer = Transformer(
+            v.width, v.layers, v.n_heads, cfg.act, cfg.ln_eps, v.mlp_hidden)
         self.ln_post = LayerNorm(v.width, eps=cfg.ln_eps)
         self.proj = nn.Parameter(scale * torch.randn(v.width, cfg.embed_dim))
 

@@ -89,3 +89,15 @@ def scores(
     img = F.normalize(image_embeddings.float(), dim=-1)
     cosine = img @ classifier.float().t()  # (N, C)
     return (logit_scale * cosine).softmax(dim=-1), cosine
+
+
+def sigmoid_scores(
+    image_embeddings: torch.Tensor, classifier: torch.Tensor, logit_scale: float,
+    logit_bias: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `scores`, for sigmoid-trained models (SigLIP): each label's probability on its
+    own, sigmoid(logit_scale x cosine + logit_bias), both (N, C) fp32. The labels are
+    independent: a row need not sum to 1, and adding a label changes no other's score."""
+    img = F.normalize(image_embeddings.float(), dim=-1)
+    cosine = img @ classifier.float().t()  # (N, C)
+    return torch.sigmoid(logit_scale * cosine + logit_bias), cosine

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from clip_core.zeroshot import DEFAULT_TEMPLATES, combine_prompts, format_prompts, scores
+from clip_core.zeroshot import (
+    DEFAULT_TEMPLATES,
+    combine_prompts,
+    format_prompts,
+    scores,
+    sigmoid_scores,
+)
 
 from .cache import EmbeddingCache
 from .errors import InvalidRequest, UrlNotAllowed
@@ -42,7 +48,9 @@ class TextEmbeddings:
 class LabelScores:
     """Zero-shot scores of N images against C labels, in the labels' order."""
 
-    probabilities: np.ndarray  # (N, C) fp32: softmax over the labels of logit_scale x cosine
+    # (N, C) fp32: softmax over the labels of logit_scale x cosine, or for sigmoid-scored
+    # models (ServedModel.scoring) each label's own sigmoid(logit_scale x cosine + bias).
+    probabilities: np.ndarray
     cosine: np.ndarray  # (N, C) fp32
 
 
@@ -188,11 +196,16 @@ class Engine:
         self, m: ServedModel, images: Sequence[ImageSource], labels: list[str],
         templates: list[str] | None, deadline: float,
     ) -> LabelScores:
-        """Each image scored against every label (clip_core.zeroshot.scores)."""
+        """Each image scored against every label: a softmax over the labels
+        (clip_core.zeroshot.scores), or for a sigmoid-trained model an independent
+        sigmoid per label (clip_core.zeroshot.sigmoid_scores)."""
         clf = await self.classifier(m, labels, templates, deadline)  # (C, E)
         emb = await self.embed_images(m, images, deadline)  # (N, E)
-        probs, cosine = scores(torch.from_numpy(emb), torch.from_numpy(clf),
-                               m.backend.logit_scale)
+        img, cls = torch.from_numpy(emb), torch.from_numpy(clf)
+        if m.scoring == "sigmoid":
+            probs, cosine = sigmoid_scores(img, cls, m.backend.logit_scale, m.logit_bias)
+        else:
+            probs, cosine = scores(img, cls, m.backend.logit_scale)
         return LabelScores(probs.numpy(), cosine.numpy())
 
     async def similarity(

@@ -227,6 +227,7 @@ async def models(engine: EngineDep) -> ModelList:
             context_length=info.context_length, device=",".join(m.devices),
             devices=m.devices, dtype=info.dtype, engine=m.engine,
             status="ready" if m.ready else "unavailable", fingerprint=m.fingerprint,
+            scoring=m.scoring,
         ))
     return ModelList(data=cards)
 

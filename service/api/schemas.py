@@ -88,7 +88,10 @@ class ClassifyRequest(_Strict):
 
 class LabelScore(BaseModel):
     label: str
-    probability: float = Field(description="softmax over labels of logit_scale x cosine")
+    probability: float = Field(description=(
+        "softmax over the labels of logit_scale x cosine; for models whose scoring is "
+        "'sigmoid' (SigLIP, see /v1/models), sigmoid(logit_scale x cosine + logit_bias) per "
+        "label, independent of the other labels (scores need not sum to 1)"))
     cosine: float
 
 
@@ -190,6 +193,9 @@ class ModelCard(BaseModel):
     # SHA-256 of the weights and preprocessing (clip_core.moderation.model_fingerprint),
     # as /moderate answers name it; null for a model that did not load.
     fingerprint: str | None = None
+    # How /classify scores labels: a softmax over them (CLIP) or an independent sigmoid
+    # per label (SigLIP); None for a model that did not load.
+    scoring: Literal["softmax", "sigmoid"] | None = None
 
 
 class ModelList(BaseModel):

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 _LOADERS: dict[str, str] = {
     "torch": "service.engines.torch_engine:load_torch",
     "null": "service.engines.null_engine:load_null",
+    "open_clip": "service.engines.open_clip_engine:load_open_clip",
 }
 ENGINE_NAMES: tuple[str, ...] = tuple(_LOADERS)
 
