@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -26,7 +27,7 @@ from .null_backend import NullBackend, model_shape
 from .prepare import ImagePreparer, TextPreparer
 from .replicas import Replicas, replica_labels, resolve_devices
 from .settings import Settings
-from .tuning import default_streams, in_passing_thread, thread_share
+from .tuning import decode_workers, default_streams, in_passing_thread, thread_share
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,11 @@ class ServedModels(Mapping[str, ServedModel]):
                                        events=self.metrics.for_worker(name, label)))
         replicas = Replicas(workers, labels)
         await replicas.start()  # WorkerUnavailable when a warm-up fails; nothing is kept
+        pool = decode_workers(s.prepare_workers, model_threads=s.torch_threads,
+                              accelerator=any(d != "cpu" for d in devices))
+        log.info("model %s: %d decoding threads, %s preprocessing", name, pool, s.preprocess)
         images = ImagePreparer(
-            preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
+            preprocess, pool, max_pixels=s.max_image_pixels,
             max_frames=s.max_image_frames, formats=s.image_formats,
             exif_orientation=s.exif_orientation, mode=s.preprocess,
         )
@@ -197,7 +201,7 @@ class ServedModels(Mapping[str, ServedModel]):
             backends.append(ClipBackend(loaded, threads=s.torch_threads,
                                         warmup_images=s.max_batch_size,
                                         warmup_tokens=s.max_batch_tokens,
-                                        preprocess=s.preprocess, cuda_graphs=s.cuda_graphs))
+                                        preprocess=_backend_preprocess(s), cuda_graphs=s.cuda_graphs))
         assert loaded is not None  # settings never yield an empty device list
         return loaded.name, loaded.preprocess, backends
 
@@ -209,7 +213,7 @@ class ServedModels(Mapping[str, ServedModel]):
                     "the inputs and mean nothing (serving-layer benchmarks only)", shape.name)
         s = self.settings
         backends: list[ModelBackend] = [
-            NullBackend(shape, device=device, threads=s.torch_threads, preprocess=s.preprocess)
+            NullBackend(shape, device=device, threads=s.torch_threads, preprocess=_backend_preprocess(s))
             for device in devices]
         return shape.name, shape.preprocess, backends
 
@@ -249,3 +253,9 @@ class ServedModels(Mapping[str, ServedModel]):
             self.metrics.model_ready.labels(m.name).set(1 if serving else 0)
         for device, allocated in cuda_memory_allocated().items():
             self.metrics.cuda_memory.labels(device).set(allocated)
+
+
+def _backend_preprocess(s: Settings) -> Literal["exact", "device"]:
+    """What the backend takes: encoded JPEGs with device preprocessing, pixels otherwise
+    (fast differs from exact only in the decode pool)."""
+    return "device" if s.preprocess == "device" else "exact"
