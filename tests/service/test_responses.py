@@ -20,8 +20,11 @@ from test_api import PREP, TINY
 from clip_core.checkpoint import save_checkpoint
 from service.api import inputs, responses, routes
 from service.api.schemas import (
+    Classification,
+    ClassifyResponse,
     EmbedResponse,
     ImageEmbedding,
+    LabelScore,
     OpenAIEmbedding,
     OpenAIEmbeddingResponse,
     OpenAIUsage,
@@ -89,6 +92,24 @@ def test_similarity_body_is_the_models_body_byte_for_byte():
     c = _vectors(3, 5, 4)
     old = SimilarityResponse(model="m", cosine=c.tolist(), logits=(0.5 * c).tolist())
     assert responses.similarity("m", c, 0.5 * c).body == _dumped(SimilarityResponse, old)
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 3, 50])
+def test_classify_body_is_the_models_body_byte_for_byte(top_k):
+    labels = ["red", "green", "blue", "a \"quoted\" label", "ünïcode"]
+    rng = np.random.default_rng(6)
+    probs = rng.random((4, 5)).astype(np.float32)
+    probs[1] = probs[1, 0]  # ties keep the labels' order
+    probs[2, 3] = np.nan
+    cos = _vectors(4, 5, 7)
+    k = min(top_k or len(labels), len(labels))
+    old = ClassifyResponse(model="m", results=[
+        Classification(labels=[LabelScore(label=labels[j], probability=float(p[j]),
+                                          cosine=float(c[j]))
+                               for j in np.argsort(-p, kind="stable")[:k]])
+        for p, c in zip(probs, cos, strict=True)])
+    assert responses.classify("m", labels, probs, cos, top_k).body == _dumped(
+        ClassifyResponse, old)
 
 
 def test_float_rows_parse_back_to_the_same_float32():
