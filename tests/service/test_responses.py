@@ -4,6 +4,7 @@ pool, large JSON bodies to a worker thread."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -249,3 +250,24 @@ def test_an_invalid_json_body_answers_as_before(client):
     r = client.post("/embed", content=b'{"texts": ["a"', headers={"content-type": "application/json"})
     assert r.status_code == 422
     assert "JSON decode error" in r.text
+
+
+@pytest.mark.parametrize("sizes", [[10], [100, 0, 200, 300], [200_000, 0, 200_000, 5]])
+def test_a_body_in_chunks_is_read_whole_once(sizes):
+    """Small bodies are joined on the loop, large ones in a thread; either way the bytes
+    the stream gave, and the same object on a second read."""
+    chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    messages.append({"type": "http.request", "body": b"", "more_body": False})
+
+    async def receive():
+        return messages.pop(0)
+
+    async def read():
+        request = routes._OrjsonRequest({"type": "http", "method": "POST", "headers": []},
+                                        receive)
+        return await request.body(), await request.body()
+
+    first, again = asyncio.run(read())
+    assert first == b"".join(chunks) and again is first
+    assert not messages  # the stream was read to its end
