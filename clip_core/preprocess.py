@@ -47,8 +47,14 @@ def open_image(
     data: bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO,
     *,
     formats: Sequence[str] | None = DECODE_FORMATS,
+    draft: int | None = None,
 ) -> Image.Image:
     """Decodes an image completely and returns it in the mode its file gives.
+
+    With `draft=n`, a JPEG is decoded reduced in the DCT domain, at the smallest of
+    libjpeg's scales (1/2, 1/4, 1/8) whose shorter side is still at least n pixels, so
+    that a transform to n pixels after it still only downsamples ("fast" preprocessing:
+    not the reference's pixels, see docs/preprocessing.md). Other formats decode whole.
 
     Multi-frame files (animated GIF or WebP, multi-page TIFF) give their first frame. Raises
     ImageDecodeError for anything Pillow cannot decode; a path that cannot be read raises the
@@ -71,6 +77,8 @@ def open_image(
 
     try:
         image = Image.open(fp, formats=allowed)
+        if draft is not None:
+            _draft(image, draft)
         image.load()
     except MemoryError:
         raise
@@ -84,6 +92,15 @@ def open_image(
         # struct.error or EOFError depending on the plugin.
         raise ImageDecodeError(f"the image data is corrupt or truncated: {e}") from e
     return image
+
+
+def _draft(image: Image.Image, n: int) -> None:
+    """Pillow's JPEG draft mode, scale only: its scale is the largest of 8, 4, 2, 1 not
+    above min(w // n, h // n), i.e. the shorter side stays >= n. Asking for the file's own
+    mode keeps it (asking for "RGB" of a grayscale file would not, and YCbCr would change
+    the colour conversion); the decoder keeps its accurate IDCT, not the draft one."""
+    if image.format == "JPEG" and n > 0:  # MPO, a JPEG subclass, has frames of its own
+        image.draft(image.mode, (n, n))
 
 
 class ImageTransform:

@@ -8,9 +8,9 @@ lookup of fixed random (E,) rows, E = 512 as ViT-B/32's, so answers are sized as
 production and cost no compute. Texts differ between requests (the text cache would
 otherwise answer them without the worker).
 
-Cases (per request): 64 JPEGs as JSON base64 (each ~100 kB, like a 640x480 photo, but
+Cases (per request): 64 JPEGs as JSON base64 to /classify (3 labels) and (each ~100 kB, like a 640x480 photo, but
 64x64 pixels plus a comment segment, so that the pool's decoding stays cheap while the
-body is as large as a real one), 64 texts, 1 text; each with float and base64 output.
+body is as large as a real one), 64 texts, 1 text; /embed with float and base64 output.
 
     python loadtests/loop_costs.py [--requests 30] [--json]
 
@@ -136,12 +136,14 @@ def _cases(images_b64: list[str]):
     def texts(n: int, r: int) -> list[str]:
         return [f"a photo of thing {r} number {i}" for i in range(n)]
 
+    yield ("64 images JSON base64, /classify", IMAGES, "/classify",
+           lambda r: {"images": images_b64, "labels": ["red", "green", "blue"]})
     for enc in ("float", "base64"):
-        yield (f"64 images JSON base64, {enc} out", IMAGES,
+        yield (f"64 images JSON base64, {enc} out", IMAGES, "/embed",
                lambda r, enc=enc: {"images": images_b64, "encoding": enc})
-        yield (f"64 texts, {enc} out", 64,
+        yield (f"64 texts, {enc} out", 64, "/embed",
                lambda r, enc=enc: {"texts": texts(64, r), "encoding": enc})
-        yield (f"1 text, {enc} out", 1,
+        yield (f"1 text, {enc} out", 1, "/embed",
                lambda r, enc=enc: {"texts": texts(1, r), "encoding": enc})
 
 
@@ -158,12 +160,12 @@ async def measure(requests: int) -> list[dict]:
     images_b64 = [base64.b64encode(_jpeg(i)).decode() for i in range(IMAGES)]
     rows = []
     try:
-        for name, items, make in _cases(images_b64):
+        for name, items, path, make in _cases(images_b64):
             bodies = [json.dumps(make(r)).encode() for r in range(requests + 3)]
             per_request = []
             for r, body in enumerate(bodies):
                 t0 = time.thread_time()
-                status, answer = await caller.post("/embed", body, "application/json")
+                status, answer = await caller.post(path, body, "application/json")
                 spent = time.thread_time() - t0
                 if status != 200:
                     raise RuntimeError(f"{name}: {status} {answer[:300]!r}")

@@ -24,7 +24,7 @@ from .null_backend import NullBackend
 from .prepare import ImagePreparer, TextPreparer
 from .replicas import Replicas, replica_labels, resolve_devices
 from .settings import Settings
-from .tuning import default_streams, thread_share
+from .tuning import decode_workers, default_streams, thread_share
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,11 @@ class ServedModels(Mapping[str, ServedModel]):
                                        events=self.metrics.for_worker(name, label)))
         replicas = Replicas(workers, labels)
         await replicas.start()  # WorkerUnavailable when a warm-up fails; nothing is kept
+        pool = decode_workers(s.prepare_workers, model_threads=s.torch_threads,
+                              accelerator=any(d != "cpu" for d in devices))
+        log.info("model %s: %d decoding threads, %s preprocessing", name, pool, s.preprocess)
         images = ImagePreparer(
-            loaded.preprocess, s.prepare_workers, max_pixels=s.max_image_pixels,
+            loaded.preprocess, pool, max_pixels=s.max_image_pixels,
             max_frames=s.max_image_frames, formats=s.image_formats,
             exif_orientation=s.exif_orientation, mode=s.preprocess,
         )
@@ -221,3 +224,4 @@ class ServedModels(Mapping[str, ServedModel]):
             self.metrics.model_ready.labels(m.name).set(1 if serving else 0)
         for device, allocated in cuda_memory_allocated().items():
             self.metrics.cuda_memory.labels(device).set(allocated)
+

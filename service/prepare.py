@@ -20,6 +20,7 @@ import base64
 import binascii
 import io
 import logging
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class EncodedImage:
 ImagePayload = torch.Tensor | EncodedImage
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)  # not frozen: a frozen __init__ costs the loop ~1 µs an image
 class Base64Image:
     """An image still in base64, as a JSON or form field sent it: `text[start:]` (a data
     URI's payload starts past its header). `ImagePreparer` decodes it in its pool, so the
@@ -123,7 +124,9 @@ def sniff(data: ImageBytes) -> str | None:
 
 class ImagePreparer:
     """Encoded images -> uint8 (3, S, S) pixel tensors for one preprocessing config, or,
-    with `mode="device"`, `EncodedImage`s for the JPEGs the device decodes.
+    with `mode="device"`, `EncodedImage`s for the JPEGs the device decodes. With
+    `mode="fast"`, JPEGs are decoded at a reduced scale first (not the reference's pixels;
+    docs/preprocessing.md says how far from them).
 
     Before a decoder runs: the format is sniffed from the leading bytes and checked
     against `formats`; the header alone gives the size and frame count, checked against
@@ -141,10 +144,10 @@ class ImagePreparer:
         max_frames: int = DEFAULT_MAX_FRAMES,
         formats: Sequence[str] = DECODE_FORMATS,
         exif_orientation: bool = False,
-        mode: Literal["exact", "device"] = "exact",
+        mode: Literal["exact", "fast", "device"] = "exact",
     ):
-        if mode not in ("exact", "device"):
-            raise ValueError(f"mode must be 'exact' or 'device', got {mode!r}")
+        if mode not in ("exact", "fast", "device"):
+            raise ValueError(f"mode must be 'exact', 'fast' or 'device', got {mode!r}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         if max_pixels is not None and max_pixels < 1:
@@ -156,6 +159,9 @@ class ImagePreparer:
         self.formats = tuple(f.upper() for f in formats)
         self.exif_orientation = exif_orientation
         self.mode = mode
+        # fast: JPEGs decoded reduced in the DCT domain to no less than S pixels
+        # (clip_core.preprocess.open_image), then resized and cropped as in exact.
+        self._draft = self.transform.size if mode == "fast" else None
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="prepare-image",
                                             initializer=lower_priority)
 
@@ -171,19 +177,44 @@ class ImagePreparer:
         """
         if not images:
             return []
+        # The request goes to the pool as at most max_workers runs of consecutive images,
+        # not one task per image: each task costs the event loop tens of microseconds
+        # (a future, a wake-up, a callback), as much as the rest of an image's handling.
+        n = len(images)
+        size = -(-n // min(n, self.max_workers))
+        stop = threading.Event()  # set on a failure or a cancel: the other runs stop early
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._executor, self.prepare_one, i, data)
-                   for i, data in enumerate(images)]
+        futures = [loop.run_in_executor(self._executor, self._prepare_run, images, start,
+                                        min(start + size, n), stop)
+                   for start in range(0, n, size)]
         try:
             await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
             failed = [f.exception() for f in futures
                       if f.done() and not f.cancelled() and f.exception() is not None]
             if failed:
                 raise failed[0]  # type: ignore[misc]
-            return [f.result() for f in futures]
+            if len(futures) == 1:
+                return futures[0].result()
+            return [p for f in futures for p in f.result()]
         finally:
+            stop.set()
             for f in futures:
-                f.cancel()  # no-op when done; a running decode finishes, unused
+                f.cancel()  # no-op when done; a running run stops at its next image
+
+    def _prepare_run(self, images: Sequence[ImageSource], start: int, end: int,
+                     stop: threading.Event) -> list[ImagePayload]:
+        """Blocking: images[start:end] in order, until one fails or `stop` is set (the
+        payloads are then unused)."""
+        out: list[ImagePayload] = []
+        for i in range(start, end):
+            if stop.is_set():
+                break
+            try:
+                out.append(self.prepare_one(i, images[i]))
+            except BaseException:
+                stop.set()
+                raise
+        return out
 
     async def prepare_each(self, images: Sequence[ImageSource]
                            ) -> list[ImagePayload | BaseException]:
@@ -211,7 +242,7 @@ class ImagePreparer:
             orientation = self._check_header(data, fmt)
             if self._on_device(data, fmt, orientation):
                 return EncodedImage(bytes(data), index)
-            with open_image(data, formats=[fmt]) as image:
+            with open_image(data, formats=[fmt], draft=self._draft) as image:
                 return self.transform.pixels(self._upright(image))
         except ImageDecodeError as err:
             raise _indexed(ImageDecodeError, index, err) from err

@@ -70,7 +70,10 @@ class Settings(BaseSettings):
     release_after_idle_s: float | None = Field(2.0, gt=0)
 
     cache_size: int = Field(10_000, ge=0)  # text embeddings kept, per process
-    prepare_workers: int = Field(2, ge=1)  # threads decoding and resizing images
+    # Threads decoding and resizing images. auto: the cores the model does not need (all
+    # but one or two beside an accelerator; on CPU what torch_threads leaves, else a
+    # quarter of the cores, at least 2), see service.tuning.decode_workers.
+    prepare_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     torch_threads: int | None = Field(None, ge=1)  # CPU intra-op threads; None: all cores
     # Batches computed side by side per model, each on its share of torch_threads (see
     # service.batcher). None: 2 on a CPU with 2 or more cores, else 1.
@@ -78,8 +81,11 @@ class Settings(BaseSettings):
     # Where JPEGs are decoded and resized. exact: Pillow in the decode pool, the reference
     # preprocessing. device: each batch's JPEGs on the model's device (nvJPEG on CUDA,
     # clip_core.tensor_preprocess), within a few grey levels of exact; other formats and
-    # JPEGs turned by their EXIF orientation keep the exact path.
-    preprocess: Literal["exact", "device"] = "exact"
+    # JPEGs turned by their EXIF orientation keep the exact path. fast: as exact, but a
+    # JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves its
+    # shorter side at least the model's image size (Pillow's draft mode), a fraction of
+    # the decoding's CPU for pixels close to exact's (docs/preprocessing.md).
+    preprocess: Literal["exact", "fast", "device"] = "exact"
     # The image tower as CUDA graphs, one per batch-size bucket (powers of two up to
     # max_batch_size), captured at warm-up; a batch runs padded to its bucket. On a CPU
     # the buckets run eagerly, with no gain.

@@ -16,7 +16,8 @@ with the reason it is needed; docs/benchmarks.md says how much each one measured
   batch that runs alone never waits at a barrier for a thread that lost its core
   (`default_streams`).
 - Decoding threads run at a lower priority (`lower_priority`), so that they take only
-  what the model leaves of a core.
+  what the model leaves of a core; by default there are as many as the cores the model
+  does not need (`decode_workers`).
 - Names. Every thread the server starts carries its Python name in the OS as well
   (`name_os_threads`), so per-thread CPU in /proc/PID/task, `top -H` and profilers tell
   the event loop (the main thread), the decode pool and the serving threads apart.
@@ -83,6 +84,29 @@ def default_streams(backend: _Placed) -> int:
     measured, so two stays the default.
     """
     return 2 if backend.device.type == "cpu" and backend.cpu_threads >= 2 else 1
+
+
+def decode_workers(setting: int | str, *, accelerator: bool, model_threads: int | None,
+                   cores: int | None = None) -> int:
+    """The decode pool's size for the `prepare_workers` setting: a number as given;
+    "auto" the cores the model does not need, out of `cores` (default: `usable_cores`).
+
+    Beside an accelerator the model needs the event loop's core and one for its serving
+    threads, which mostly wait on the device: every other core decodes (all but one on
+    up to 3 cores). On CPU the model needs its torch threads: the decoders get the cores
+    `model_threads` leaves, or, where the model may use every core, a quarter of them
+    (at least 2). They run niced (`lower_priority`), so they take only what the model
+    leaves of a core either way, and a CPU model costs several times what decoding an
+    image does, so the model stays the bottleneck.
+    """
+    if setting != "auto":
+        return int(setting)
+    n = cores or usable_cores()
+    if accelerator:
+        return max(1, n - (2 if n >= 4 else 1))
+    if model_threads is not None and model_threads < n:
+        return n - model_threads
+    return max(2, n // 4)
 
 
 def thread_share(total: int, stream: int, streams: int, alone: bool) -> int:

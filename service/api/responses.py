@@ -72,3 +72,18 @@ def similarity(model: str, cosine: np.ndarray, logits: np.ndarray) -> OrjsonResp
     """`SimilarityResponse`, from (Q, C) fp32 arrays."""
     return OrjsonResponse({"model": model, "cosine": cosine.astype(np.float64),
                            "logits": logits.astype(np.float64)})
+
+
+def classify(model: str, labels: list[str], probabilities: np.ndarray, cosine: np.ndarray,
+             top_k: int | None) -> OrjsonResponse:
+    """`ClassifyResponse` from (N, C) fp32 arrays: each image's top_k labels (all when
+    None) by falling probability, ties in the labels' order."""
+    k = min(top_k or len(labels), len(labels))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]  # (N, k)
+    # fp32 widened to float64, as float(p[j]) did; tolist() gives Python floats at C speed.
+    probs = np.take_along_axis(probabilities, order, axis=1).astype(np.float64).tolist()
+    cos = np.take_along_axis(cosine, order, axis=1).astype(np.float64).tolist()
+    results = [{"labels": [{"label": labels[j], "probability": p, "cosine": c}
+                           for j, p, c in zip(js, ps, cs, strict=True)]}
+               for js, ps, cs in zip(order.tolist(), probs, cos, strict=True)]
+    return OrjsonResponse({"model": model, "results": results})

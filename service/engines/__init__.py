@@ -64,6 +64,12 @@ class EngineModel:
 EngineLoader = Callable[["Settings", str, list[str]], Awaitable[EngineModel]]
 
 
+def backend_preprocess(settings: Settings) -> Literal["exact", "device"]:
+    """What a backend takes as an image: encoded JPEGs with device preprocessing, pixels
+    otherwise (`fast` differs from `exact` only in the decode pool)."""
+    return "device" if settings.preprocess == "device" else "exact"
+
+
 def split_engine(spec: str, default: str) -> tuple[str, str]:
     """("onnxruntime", "ViT-B-32") from "onnxruntime:ViT-B-32"; a spec without a known
     engine's prefix (a path may hold a colon) is served by `default`."""

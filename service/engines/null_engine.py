@@ -7,7 +7,7 @@ import logging
 from ..null_backend import NullBackend, model_shape
 from ..settings import Settings
 from ..tuning import in_passing_thread
-from . import EngineModel
+from . import EngineModel, backend_preprocess
 from .torch_engine import clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,6 @@ async def load_null(settings: Settings, spec: str, devices: list[str]) -> Engine
     log.warning("model %s is served by the null engine: its embeddings are hashed from "
                 "the inputs and mean nothing (serving-layer benchmarks only)", shape.name)
     backends = [NullBackend(shape, device=device, threads=settings.torch_threads,
-                            preprocess=settings.preprocess) for device in devices]
+                            preprocess=backend_preprocess(settings)) for device in devices]
     return EngineModel(name=shape.name, preprocess=shape.preprocess, backends=backends,
                        tokenizer=clip_tokenizer(), fingerprint=f"null:{shape.name}")

@@ -35,6 +35,7 @@ import torch
 from clip_core.config import PreprocessConfig
 from clip_core.errors import ModelNotFound
 from clip_core.loader import resolve_dtype
+from clip_core.moderation.fingerprint import model_fingerprint
 from clip_core.tokenizers_sp import TOKENIZER_FILES, SentencePieceTokenizer
 
 from ..backend import BackendInfo, ClipBackend
@@ -357,8 +358,10 @@ async def load_open_clip(settings: Settings, spec: str, devices: list[str]) -> E
             warmup_images=settings.max_batch_size, warmup_tokens=settings.max_batch_tokens,
             cuda_graphs=settings.cuda_graphs))
     first = backends[0]
-    tokenizer = loaded_on[devices[0]][2]
+    model, _, tokenizer, _ = loaded_on[devices[0]]
+    # The same scheme as the torch engine's: any module's weights and its preprocessing.
+    fingerprint = await in_passing_thread(model_fingerprint, model, first.preprocess)
     return EngineModel(name=parsed.name, preprocess=first.preprocess, backends=backends,
                        tokenizer=tokenizer, scoring=first.scoring,
-                       logit_bias=first.logit_bias or 0.0)
+                       logit_bias=first.logit_bias or 0.0, fingerprint=fingerprint)
 

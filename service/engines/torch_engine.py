@@ -11,7 +11,7 @@ from clip_core.tokenizer import Tokenizer
 from ..backend import ClipBackend
 from ..settings import Settings
 from ..tuning import in_passing_thread
-from . import EngineModel
+from . import EngineModel, backend_preprocess
 
 
 @functools.cache
@@ -36,7 +36,7 @@ async def load_torch(settings: Settings, spec: str, devices: list[str]) -> Engin
         backends.append(ClipBackend(loaded, threads=s.torch_threads,
                                     warmup_images=s.max_batch_size,
                                     warmup_tokens=s.max_batch_tokens,
-                                    preprocess=s.preprocess, cuda_graphs=s.cuda_graphs))
+                                    preprocess=backend_preprocess(s), cuda_graphs=s.cuda_graphs))
     first = backends[0]  # settings never yield an empty device list
     # Every replica holds the same weights: the first one's name them all.
     fingerprint = await in_passing_thread(model_fingerprint, first.model, first.preprocess)

@@ -162,6 +162,7 @@ def test_local_weights_serve_with_sigmoid_scoring(tiny_folder):
     with TestClient(create_app(_settings(f"open_clip:{TINY}@{folder}"))) as c:
         card = c.get("/v1/models").json()["data"][0]
         assert (card["name"], card["engine"], card["scoring"]) == (TINY, "open_clip", "sigmoid")
+        assert card["fingerprint"].startswith("sha256:")  # /moderate and heads name it
         assert (card["dimension"], card["context_length"], card["image_size"]) == (32, 16, 32)
         image = base64.b64encode(_png(1)).decode()
         labels = ["abc", "defg", "hik"]

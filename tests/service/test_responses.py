@@ -4,6 +4,7 @@ pool, large JSON bodies to a worker thread."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -19,8 +20,11 @@ from test_api import (
 
 from service.api import inputs, responses, routes
 from service.api.schemas import (
+    Classification,
+    ClassifyResponse,
     EmbedResponse,
     ImageEmbedding,
+    LabelScore,
     OpenAIEmbedding,
     OpenAIEmbeddingResponse,
     OpenAIUsage,
@@ -86,6 +90,24 @@ def test_similarity_body_is_the_models_body_byte_for_byte():
     c = _vectors(3, 5, 4)
     old = SimilarityResponse(model="m", cosine=c.tolist(), logits=(0.5 * c).tolist())
     assert responses.similarity("m", c, 0.5 * c).body == _dumped(SimilarityResponse, old)
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 3, 50])
+def test_classify_body_is_the_models_body_byte_for_byte(top_k):
+    labels = ["red", "green", "blue", "a \"quoted\" label", "ünïcode"]
+    rng = np.random.default_rng(6)
+    probs = rng.random((4, 5)).astype(np.float32)
+    probs[1] = probs[1, 0]  # ties keep the labels' order
+    probs[2, 3] = np.nan
+    cos = _vectors(4, 5, 7)
+    k = min(top_k or len(labels), len(labels))
+    old = ClassifyResponse(model="m", results=[
+        Classification(labels=[LabelScore(label=labels[j], probability=float(p[j]),
+                                          cosine=float(c[j]))
+                               for j in np.argsort(-p, kind="stable")[:k]])
+        for p, c in zip(probs, cos, strict=True)])
+    assert responses.classify("m", labels, probs, cos, top_k).body == _dumped(
+        ClassifyResponse, old)
 
 
 def test_float_rows_parse_back_to_the_same_float32():
@@ -217,3 +239,24 @@ def test_an_invalid_json_body_answers_as_before(client):
     r = client.post("/embed", content=b'{"texts": ["a"', headers={"content-type": "application/json"})
     assert r.status_code == 422
     assert "JSON decode error" in r.text
+
+
+@pytest.mark.parametrize("sizes", [[10], [100, 0, 200, 300], [200_000, 0, 200_000, 5]])
+def test_a_body_in_chunks_is_read_whole_once(sizes):
+    """Small bodies are joined on the loop, large ones in a thread; either way the bytes
+    the stream gave, and the same object on a second read."""
+    chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    messages.append({"type": "http.request", "body": b"", "more_body": False})
+
+    async def receive():
+        return messages.pop(0)
+
+    async def read():
+        request = routes._OrjsonRequest({"type": "http", "method": "POST", "headers": []},
+                                        receive)
+        return await request.body(), await request.body()
+
+    first, again = asyncio.run(read())
+    assert first == b"".join(chunks) and again is first
+    assert not messages  # the stream was read to its end
