@@ -52,7 +52,7 @@ def test_unknown_names_list_close_matches_not_every_name():
 
 
 def test_an_unknown_name_with_no_close_match():
-    with pytest.raises(ModelNotFound, match="none of the .* registry models is close"):
+    with pytest.raises(ModelNotFound, match=r"none of the .* registry models is close"):
         get_entry("resnet-9000")
 
 
