@@ -6,6 +6,9 @@ interleaved, and prints items/s and the ratio. open_clip always runs its text to
 all 77 positions; ours trims the batch to its longest text.
 
     python loadtests/bench_model.py --model ViT-B-32 --batch-sizes 1,8,32 --dtypes fp32,bf16
+    python loadtests/bench_model.py --model ViT-B-32/laion2b_s34b_b79k   # a registry name
+
+Weights are always random: timings do not depend on their values.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from clip_core.config import load_architecture
+from clip_core.config import CLIPConfig, load_architecture
 from clip_core.model import CLIP
+from clip_core.registry import get_entry
 from clip_core.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,10 +61,25 @@ def compare(
     return statistics.median(a), statistics.median(b)
 
 
+def _model(name: str) -> tuple[CLIPConfig, str]:
+    """Our config and open_clip's model name for an architecture or a registry model."""
+    if "/" not in name:
+        return load_architecture(name), f"{name}-quickgelu"
+    entry = get_entry(name)
+    cfg = entry.config()
+    if entry.name.startswith("openai/"):
+        return cfg, f"{entry.architecture}-quickgelu"
+    return cfg, entry.name.split("/")[0]  # "ViT-B-32" (GELU), "ViT-B-32-quickgelu"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="ViT-B-32", help="architecture name")
-    ap.add_argument("--open-clip-name", default=None, help="open_clip model (default: NAME-quickgelu)")
+    ap.add_argument("--model", default="ViT-B-32",
+                    help="architecture name (QuickGELU), or a registry model name such as "
+                         "ViT-B-32/laion2b_s34b_b79k (its architecture and activation)")
+    ap.add_argument("--open-clip-name", default=None,
+                    help="open_clip model (default: NAME-quickgelu for an architecture, the "
+                         "open_clip name of a registry model)")
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--inputs", default="image,text", help="which towers to time")
@@ -73,12 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     import open_clip  # benchmark dependency only, like the tests
 
     device = torch.device(args.device)
-    cfg = load_architecture(args.model)
+    cfg, oc_name = _model(args.model)
+    oc_name = args.open_clip_name or oc_name
     torch.manual_seed(0)
     ours_fp32 = CLIP(cfg).eval()
-    ref_fp32 = open_clip.create_model(
-        args.open_clip_name or f"{args.model}-quickgelu", pretrained=None
-    ).eval()
+    ref_fp32 = open_clip.create_model(oc_name, pretrained=None).eval()
     ref_fp32.load_state_dict(ours_fp32.state_dict())
     tokenizer = Tokenizer()
     size = cfg.vision.image_size
@@ -94,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         ours.load_state_dict(ours_fp32.state_dict())
         ours = ours.to(device, dtype)
         ref = ref_fp32.to(device, dtype) if dtype == torch.float32 else (
-            open_clip.create_model(args.open_clip_name or f"{args.model}-quickgelu",
-                                   pretrained=None).eval()
+            open_clip.create_model(oc_name, pretrained=None).eval()
         )
         if dtype != torch.float32:
             ref.load_state_dict(ours_fp32.state_dict())
