@@ -148,17 +148,19 @@ fi
 
 SERVER_ENV=()
 for kv in ${GPU_SERVER_ENV:-}; do SERVER_ENV+=(--server-env "$kv"); done
-# Two servers through the same phases: the settings as given, then with the JPEGs decoded
-# on the device and the image tower as CUDA graphs (phases named device/...).
-DEVICE_VARIANT=(--variant "device:CLIP_PREPROCESS=device,CLIP_CUDA_GRAPHS=true")
+# Three servers: the settings as given through every phase, then through the image phases
+# with JPEGs decoded at reduced scale in the decode pool (fast/...), and with JPEGs decoded
+# on the device and the image tower as CUDA graphs (device/...).
+DEVICE_VARIANT=(--variant "fast:CLIP_PREPROCESS=fast"
+                --variant "device:CLIP_PREPROCESS=device,CLIP_CUDA_GRAPHS=true"
+                --variant-phases image64_multipart,image64_json)
 if ((DRY)); then
-    step service 60 "$PY" loadtests/gpu_load.py --json "$OUT/service.json" \
+    step service 90 "$PY" loadtests/gpu_load.py --json "$OUT/service.json" \
         --server-log "$OUT/server.log" --device cpu --dtype fp32 --images 4 --clients 2 \
         --image-concurrency 1 --text1-concurrency 2 --duration 1 --warmup 0.5 \
-        --prepare-workers 2 --max-batch-size 16 "${SERVER_ENV[@]}" "${DEVICE_VARIANT[@]}" \
-        --variant-phases image64_json
+        --prepare-workers 2 --max-batch-size 16 "${SERVER_ENV[@]}" "${DEVICE_VARIANT[@]}"
 else
-    step service 150 "$PY" loadtests/gpu_load.py --json "$OUT/service.json" \
+    step service 200 "$PY" loadtests/gpu_load.py --json "$OUT/service.json" \
         --server-log "$OUT/server.log" --model ViT-B-32 --device cuda --dtype fp16 \
         --clients 2 --duration 8 --warmup 2 "${SERVER_ENV[@]}" "${DEVICE_VARIANT[@]}"
     step nvidia-smi-after 20 bash -c 'smi "after the load"'

@@ -64,7 +64,7 @@ def model_shape(name_or_path: str) -> ModelShape:
             raise unknown from None
         return ModelShape(name_or_path, config,
                           PreprocessConfig(image_size=config.vision.image_size))
-    return ModelShape(entry.name, load_architecture(entry.architecture), entry.preprocess)
+    return ModelShape(entry.name, entry.config(), entry.preprocess)
 
 
 class NullBackend:
