@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 _LOADERS: dict[str, str] = {
     "torch": "service.engines.torch_engine:load_torch",
     "null": "service.engines.null_engine:load_null",
+    "onnxruntime": "service.engines.onnx_engine:load_onnxruntime",
+    "openvino": "service.engines.openvino_engine:load_openvino",
 }
 ENGINE_NAMES: tuple[str, ...] = tuple(_LOADERS)
 
