@@ -54,6 +54,9 @@ Precision = Literal["fp32", "int8"]
 ENGINES: tuple[Engine, ...] = ("onnxruntime", "openvino")
 TOWERS = ("image", "text")
 _MANIFEST = "manifest.json"
+# How each engine's int8 is made; part of the key, so a change of recipe is a new export.
+_INT8_RECIPES = {"onnxruntime": "ort-dynamic-matmul-gemm-per-channel-1",
+                 "openvino": "nncf-compress-weights-int8-asym-1"}
 _CHUNK = 1 << 20
 
 
@@ -126,6 +129,9 @@ class ImageTower(nn.Module):
         self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1))
+        # Eval now: the exporter puts a wrapper back in the mode it found it in, and a new
+        # module's training mode would switch the model's batch norms to batch statistics.
+        self.eval()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels.float() / 255 - self.mean) / self.std  # (B, 3, S, S) fp32
@@ -153,6 +159,7 @@ class TextTower(nn.Module):
     def __init__(self, model: CLIP):
         super().__init__()
         self.model = model
+        self.eval()  # see ImageTower
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -282,7 +289,7 @@ def state_dict_sha256(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -290,6 +297,7 @@ def export_key(weights_sha256: str, target: ExportTarget, preprocess: Preprocess
     """The cache key: everything that changes the files an export holds."""
     parts = {"format": FORMAT_VERSION, "weights": weights_sha256, "engine": target.engine,
              "precision": target.precision, "opset": target.opset,
+             "recipe": _INT8_RECIPES[target.engine] if target.precision == "int8" else "",
              "image_size": preprocess.image_size, "mean": list(preprocess.mean),
              "std": list(preprocess.std)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -9,8 +9,10 @@ other export of the same weights starts from it.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +137,23 @@ def test_int8_zero_shot_accuracy_on_the_shipped_model_within_one_point(engine, s
 # ---- the cache ----
 
 
-@pytest.fixture
-def tiny(tmp_path) -> tuple[CLIP, Path, ExportTarget, PreprocessConfig]:
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> tuple[CLIP, Path]:
+    """A tiny model's export, built once; tests damage copies of its cache."""
     model = random_clip(TINY_VIT)
-    return model, tmp_path, ExportTarget("onnxruntime"), PreprocessConfig(image_size=32)
+    cache = tmp_path_factory.mktemp("pristine")
+    _exported(model, cache, ExportTarget("onnxruntime"))
+    return model, cache
 
 
-def test_the_key_names_weights_engine_precision_opset_and_preprocessing():
+@pytest.fixture
+def tiny(pristine, tmp_path) -> tuple[CLIP, Path, ExportTarget, PreprocessConfig]:
+    model, source = pristine
+    shutil.copytree(source, tmp_path / "cache")
+    return model, tmp_path / "cache", ExportTarget("onnxruntime"), PreprocessConfig(image_size=32)
+
+
+def test_the_key_names_weights_engine_precision_opset_and_preprocessing(pristine):
     pre = PreprocessConfig(image_size=224)
     base = export_key("a" * 64, ExportTarget("onnxruntime"), pre)
     others = [export_key("b" * 64, ExportTarget("onnxruntime"), pre),
@@ -152,19 +164,21 @@ def test_the_key_names_weights_engine_precision_opset_and_preprocessing():
                          PreprocessConfig(image_size=224, mean=(0.5, 0.5, 0.5)))]
     assert len({base, *others}) == 6
     assert base == export_key("a" * 64, ExportTarget("onnxruntime"), pre)
-    changed = random_clip(TINY_VIT)
+    model = copy.deepcopy(pristine[0])
+    before = state_dict_sha256(model)
     with torch.no_grad():
-        changed.ln_final.bias[0] += 1e-3
-    assert state_dict_sha256(changed) != state_dict_sha256(random_clip(TINY_VIT))
+        model.ln_final.bias[0] += 1e-3
+    assert state_dict_sha256(model) != before
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate_manifest", "missing"])
-def test_an_export_that_fails_its_check_is_rebuilt_and_logged(tiny, damage, caplog):
+def test_an_export_that_fails_its_check_is_never_served_and_is_logged(tiny, damage, caplog):
     model, cache, target, pre = tiny
-    export = _exported(model, cache, target)
-    good = export.image.read_bytes()
+    weights = state_dict_sha256(model)
+    export = load_cached(cache, weights, target, pre)
+    assert export is not None
     if damage == "corrupt":
-        data = bytearray(good)
+        data = bytearray(export.image.read_bytes())
         data[len(data) // 2] ^= 0xFF
         export.image.write_bytes(bytes(data))
     elif damage == "truncate_manifest":
@@ -172,12 +186,22 @@ def test_an_export_that_fails_its_check_is_rebuilt_and_logged(tiny, damage, capl
         manifest.write_text(manifest.read_text()[:40])
     else:
         export.text.unlink()
-    weights = state_dict_sha256(model)
     with caplog.at_level(logging.WARNING, logger="clip_core.export"):
-        assert load_cached(cache, weights, target, pre) is None  # never served
+        assert load_cached(cache, weights, target, pre) is None
     assert "fails its check" in caplog.text
-    rebuilt = _exported(model, cache, target)
-    assert load_cached(cache, weights, target, pre) is not None
+    assert not export.directory.exists()  # removed, so the next start builds it afresh
+
+
+def test_a_corrupt_export_is_rebuilt_and_serves_correctly(tiny, caplog):
+    model, cache, target, pre = tiny
+    export = load_cached(cache, state_dict_sha256(model), target, pre)
+    assert export is not None
+    data = bytearray(export.text.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    export.text.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="clip_core.export"):
+        rebuilt = _exported(model, cache, target)
+    assert "fails its check" in caplog.text
     ids = random_tokens(2, [4, 9], seed=1)
     _, ref = _reference(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ids)
     got = _unit(open_export(rebuilt, 1).text(ids[:, :9].numpy()))
@@ -186,7 +210,8 @@ def test_an_export_that_fails_its_check_is_rebuilt_and_logged(tiny, damage, capl
 
 def test_an_export_for_other_weights_is_never_served(tiny):
     model, cache, target, pre = tiny
-    export = _exported(model, cache, target)
+    export = load_cached(cache, state_dict_sha256(model), target, pre)
+    assert export is not None
     manifest = json.loads((export.directory / "manifest.json").read_text())
     manifest["key"] = "0" * 64  # a manifest left by something else in this directory
     (export.directory / "manifest.json").write_text(json.dumps(manifest))
@@ -194,9 +219,9 @@ def test_an_export_for_other_weights_is_never_served(tiny):
     assert not export.directory.exists()
 
 
-def test_a_built_export_leaves_no_temporary_files(tiny):
-    model, cache, target, _ = tiny
-    export = _exported(model, cache, target)
-    assert [p.name for p in (cache / "exports").iterdir()] == [export.directory.name]
-    manifest = json.loads((export.directory / "manifest.json").read_text())
+def test_a_built_export_leaves_no_temporary_files(pristine):
+    _, cache = pristine
+    (export_dir,) = (cache / "exports").iterdir()
+    manifest = json.loads((export_dir / "manifest.json").read_text())
     assert set(manifest["files"]) == {"image.onnx", "text.onnx"}
+    assert manifest["key"] == export_dir.name
