@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from clip_core.export import Export, ExportTarget, Towers, ensure, open_export
 from clip_core.hub import default_cache_dir
@@ -40,7 +41,7 @@ class ExportedBackend:
         card = export.card
         self.export = export
         self.preprocess = card.preprocess
-        self.device = "cpu"
+        self.device = torch.device("cpu")  # ServedModels asks for its .type
         self.threads = threads
         self.warmup_images = warmup_images
         self.logit_scale = card.logit_scale
