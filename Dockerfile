@@ -52,8 +52,10 @@ COPY pyproject.toml README.md /src/
 COPY clip_core /src/clip_core
 COPY service /src/service
 # Not editable: the package (with its configs and the built-in model's weights) is
-# copied into site-packages, and /src is left behind in this stage.
-RUN pip install /src
+# copied into site-packages, and /src is left behind in this stage. The CPU image also
+# carries the CPU engines (CLIP_ENGINE=onnxruntime|openvino); their wheels are CPU-only.
+RUN if [ "$VARIANT" = cpu ]; then extras="[onnx,openvino]"; else extras=""; fi \
+ && pip install "/src$extras"
 
 # --- the image ---
 FROM base AS runtime

@@ -413,8 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a short smoke run (seconds per phase)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    # The server's engine (CLIP_ENGINE); its raw speed: loadtests/bench_model.py --engine.
+    p.add_argument("--engine", default=None, choices=["torch", "onnxruntime", "openvino"])
+    p.add_argument("--int8", action="store_true", help="with --engine: CLIP_INT8=true")
     args = p.parse_args(argv)
     args.server_env = dict(args.server_env)
+    if args.engine:
+        args.server_env["CLIP_ENGINE"] = args.engine
+    if args.int8:
+        args.server_env["CLIP_INT8"] = "true"
     plan = QUICK if args.quick else FULL
     plan = replace(plan, **{k: v for k, v in (
         ("duration", args.duration), ("warmup", args.warmup),

@@ -87,7 +87,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timing")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the results here")
+    # --engine: the exported engines (clip_core.export) beside torch instead of open_clip.
+    ap.add_argument("--engine", default=None,
+                    help="comma list of torch,onnxruntime,openvino: each engine's towers, "
+                         "fp32 (bf16 too where --dtypes asks and the engine has it)")
+    ap.add_argument("--int8", action="store_true", help="with --engine: the int8 exports too")
+    ap.add_argument("--export-cache", default=None,
+                    help="with --engine: where exports are cached (default: a temp dir)")
     args = ap.parse_args(argv)
+    if args.engine:
+        return engines_main(args)
 
     import open_clip  # benchmark dependency only, like the tests
 
@@ -155,6 +164,113 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"| {r['dtype']} | {r['kind']} | {r['batch']} | {r['ours']:.1f} | "
               f"{r['open_clip']:.1f} | {r['ratio']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def engines_main(args) -> dict:
+    """Items/s of each engine's towers per dtype and batch size, torch fp32 among them,
+    timed in alternation with torch fp32 (the texts: 2-12 words, each batch trimmed to its
+    longest, as the service sends them), and the resident memory each engine added."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from clip_core.config import PreprocessConfig
+    from clip_core.export import ExportTarget, ModelCard, build, open_export, state_dict_sha256
+
+    cfg = load_architecture(args.model)
+    torch.manual_seed(0)
+    model = CLIP(cfg).eval()
+    pre = PreprocessConfig(image_size=cfg.vision.image_size)
+    cache = Path(args.export_cache or tempfile.mkdtemp(prefix="bench-exports-"))
+    weights = state_dict_sha256(model)
+    tokenizer = Tokenizer()
+    threads = torch.get_num_threads()
+    size = cfg.vision.image_size
+    wanted = args.engine.split(",")
+    dtypes = args.dtypes.split(",")
+
+    def torch_towers(m):
+        def image(x):
+            with torch.inference_mode():
+                mean = torch.tensor(pre.mean).view(3, 1, 1)
+                std = torch.tensor(pre.std).view(3, 1, 1)
+                return m.encode_image(torch.from_numpy(x).float().div(255).sub(mean).div(std))
+
+        def text(ids):
+            with torch.inference_mode():
+                t = torch.from_numpy(ids)
+                return m.encode_text(t, lengths=(t.argmax(-1) + 1).tolist())
+        return image, text
+
+    variants: list[tuple[str, str, object, object, float]] = []  # engine, dtype, image, text, MiB
+    base_image, base_text = torch_towers(model)
+    if "torch" in wanted:
+        variants.append(("torch", "fp32", base_image, base_text, 0.0))
+        if "bf16" in dtypes:
+            before = _rss_mib()
+            m16 = CLIP(cfg).eval()
+            m16.load_state_dict(model.state_dict())
+            variants.append(("torch", "bf16", *torch_towers(m16.to(torch.bfloat16)),
+                             _rss_mib() - before))
+    for engine in ("onnxruntime", "openvino"):
+        if engine not in wanted:
+            continue
+        precisions = ["fp32", "int8"] if args.int8 else ["fp32"]
+        for precision in precisions:
+            export = build(model, ModelCard.of(args.model, model, pre), weights,
+                           ExportTarget(engine, precision), cache)  # type: ignore[arg-type]
+            modes = [False] + ([True] if engine == "openvino" and precision == "fp32"
+                               and "bf16" in dtypes else [])
+            for bf16 in modes:
+                before = _rss_mib()
+                towers = open_export(export, threads, 1, bf16)
+                towers.image(np.zeros((1, 3, size, size), np.uint8))  # allocate, plan
+                name = "int8" if precision == "int8" else "bf16" if bf16 else "fp32"
+                variants.append((engine, name, towers.image, towers.text, _rss_mib() - before))
+    rows = []
+    rng = np.random.default_rng(0)
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        pixels = rng.integers(0, 256, (bs, 3, size, size), dtype=np.uint8)
+        ids = tokenizer(short_texts(bs, seed=bs)).ids
+        ids = ids[:, : int(ids.argmax(-1).max()) + 1].numpy()  # trimmed to the longest
+        for kind, x in (("image", pixels), ("text", ids)):
+            if kind not in args.inputs.split(","):
+                continue
+            ref = base_image if kind == "image" else base_text
+            for engine, dname, image, text, mib in variants:
+                fn = image if kind == "image" else text
+                a, b = compare(lambda fn=fn, x=x: fn(x), lambda ref=ref, x=x: ref(x), bs,
+                               args.min_time, args.repeats)
+                rows.append({"engine": engine, "dtype": dname, "batch": bs, "kind": kind,
+                             "items_per_s": a, "torch_fp32": b, "ratio": a / b,
+                             "rss_mib": mib})
+                print(f"{engine:>11} {dname:>5} {kind:>5} batch {bs:>3}: {a:8.1f}/s  "
+                      f"torch fp32 {b:8.1f}/s  x{a / b:.2f}", flush=True)
+    report = {"model": args.model, "threads": threads, "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(), "rows": rows}
+    print(f"\n# {args.model}, {threads} threads, torch {torch.__version__}; medians of "
+          f"{args.repeats}, each timed in alternation with torch fp32")
+    print("| engine | dtype | input | batch | items/s | torch fp32 items/s | ratio |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['dtype']} | {r['kind']} | {r['batch']} | "
+              f"{r['items_per_s']:.1f} | {r['torch_fp32']:.1f} | {r['ratio']:.2f} |")
+    print("\n| engine | dtype | resident memory added (MiB) |\n|---|---|---:|")
+    for engine, dname, *_, mib in variants:
+        print(f"| {engine} | {dname} | {mib:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -73,8 +73,9 @@ class Metrics:
         self.cache_misses = Counter("clip_cache_misses", "Text embeddings computed",
                                     ["model"], registry=r)
         self.model_info = Gauge(
-            "clip_model_info", "Loaded models (value 1), with their device and dtype",
-            ["model", "device", "dtype"], registry=r,
+            "clip_model_info",
+            "Loaded models (value 1), with their device, dtype and engine (service.engines)",
+            ["model", "device", "dtype", "engine"], registry=r,
         )
         self.model_ready = Gauge("clip_model_ready", "1 when the model serves", ["model"],
                                  registry=r)

@@ -143,7 +143,8 @@ class ServedModels(Mapping[str, ServedModel]):
             self.default = self.default or served.name
             info = served.info
             for device in served.devices:
-                self.metrics.model_info.labels(info.name, device, info.dtype).set(1)
+                self.metrics.model_info.labels(info.name, device, info.dtype,
+                                                served.engine).set(1)
             log.info("model %s ready on %s (%s)", info.name, ", ".join(served.devices),
                      info.dtype)
         if not self._served:  # serve_others with nothing to serve: exit as "exit" would

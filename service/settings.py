@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # its input, so the serving layer's own ceiling can be measured (loadtests/ceiling.py).
     # Never serve it.
     engine: str = "torch"
+    # The onnxruntime and openvino engines' int8 export (clip_core.export) instead of fp32.
+    int8: bool = False
     offline: bool = False  # never download weights
 
     # Batching (see service.batcher.BatcherConfig)

@@ -31,6 +31,8 @@ _LOADERS: dict[str, str] = {
     "torch": "service.engines.torch_engine:load_torch",
     "null": "service.engines.null_engine:load_null",
     "open_clip": "service.engines.open_clip_engine:load_open_clip",
+    "onnxruntime": "service.engines.onnx_engine:load_onnxruntime",
+    "openvino": "service.engines.openvino_engine:load_openvino",
 }
 ENGINE_NAMES: tuple[str, ...] = tuple(_LOADERS)
 
