@@ -30,6 +30,11 @@ from clip_core.model import CLIP
 FLOORS = {("colour+shape", "seen"): 0.9, ("colour+shape", "held_out"): 0.9,
           ("shape", "seen"): 0.9, ("shape", "held_out"): 0.9}
 TEST_SEED = 4242  # not the card's seed (evaluate.STYLE_SEED)
+# 20 per combination: 120 held-out drawings, so one drawing moves a held-out cell by 0.008.
+# At 8 (48 held-out) one drawing was 0.021 and the shipped model's held-out shape cell read
+# 0.896 (43/48) on this seed against 0.975 (117/120) on the card's: sampling noise the size
+# of the margin under the floor.
+PER_COMBO = 20
 RENDERER = (user_drawing_spec, draw_like_a_user, style_shift_set, Drawing)
 
 
@@ -146,7 +151,7 @@ def test_an_untrained_model_scores_near_chance():
 @pytest.fixture(scope="module")
 def shipped_report():
     shipped = load("clip-shapes")
-    return evaluate_style_shift(shipped.model, shipped.preprocess, seed=TEST_SEED, per_combo=8)
+    return evaluate_style_shift(shipped.model, shipped.preprocess, seed=TEST_SEED, per_combo=PER_COMBO)
 
 
 @pytest.mark.parametrize("task, split", sorted(FLOORS))
@@ -156,7 +161,7 @@ def test_the_shipped_model_knows_user_drawings(shipped_report, task, split):
 
 
 def test_the_shipped_model_retrieves_user_drawings(shipped_report):
-    # 384 drawings, 5 places x 48 combinations of captions: the place is the hard part.
+    # 960 drawings, 5 places x 48 combinations of captions: the place is the hard part.
     r = shipped_report["retrieval"]
     for direction in ("image_to_text", "text_to_image"):
         assert r[direction]["R@5"] > 10 * r["chance_R@1"], r
