@@ -17,14 +17,18 @@ from clip_core.registry import DEFAULT_MODEL, get_entry
 from clip_core.tokenizer import Tokenizer
 from clip_core.zeroshot import build_classifier, classify
 
-# Floors, from the card: a little under what the shipped weights measured there, so that a
-# fresh test set's sampling noise passes and a broken model or pipeline does not.
+# Floors, from the card's table of the generator's own scenes (docs/models/clip-shapes.md,
+# seed 1000001): about two binomial standard deviations under what the shipped weights
+# measured there at this test's 120 scenes per held-out cell, so that a fresh test set's
+# sampling noise passes and a broken model or pipeline does not. (Since issue 20 the
+# generator draws every style, 8 %-wide cut-off and outlined shapes among them: these
+# scenes are harder than the user-style drawings whose 0.9 floors test_style_shift holds.)
 FLOORS = {
-    ("colour", "seen"): 0.97, ("colour", "held_out"): 0.97,
-    ("shape", "seen"): 0.95, ("shape", "held_out"): 0.85,
-    ("colour+shape", "seen"): 0.95, ("colour+shape", "held_out"): 0.85,
+    ("colour", "seen"): 0.97, ("colour", "held_out"): 0.97,  # card: 0.989 / 1.000
+    ("shape", "seen"): 0.90, ("shape", "held_out"): 0.72,  # card: 0.936 / 0.808
+    ("colour+shape", "seen"): 0.88, ("colour+shape", "held_out"): 0.82,  # 0.927 / 0.883
 }  # fmt: skip
-RETRIEVAL_FLOORS = {"R@1": 0.6, "R@5": 0.9}
+RETRIEVAL_FLOORS = {"R@1": 0.48, "R@5": 0.78}  # card: R@1 0.534 / 0.577, R@5 0.823 / 0.874
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def test_it_is_the_registered_default_and_ships_small_in_fp16(shipped):
 
 def test_accuracy_on_a_fresh_test_set_meets_the_card(shipped):
     # A seed the card's numbers were not measured on.
-    report = evaluate_scenes(shipped.model, shipped.preprocess, seed=777, per_combo=10,
+    report = evaluate_scenes(shipped.model, shipped.preprocess, seed=777, per_combo=20,
                              retrieval_n=300)
     zs = report["zero_shot"]
     for (task, split), floor in FLOORS.items():
