@@ -236,7 +236,7 @@ def calibration_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 # ---- quantisation ----
 
 
-def _quantize_onnx(fp32: dict[str, Path], directory: Path) -> dict[str, Path]:
+def quantize_dynamic_int8(fp32: dict[str, Path], directory: Path) -> dict[str, Path]:
     """ONNX Runtime dynamic int8: MatMul and Gemm weights int8 (per channel), activations
     quantised per batch at run time. Convolutions stay fp32: ONNX Runtime's ConvInteger
     is slower on a CPU than its fp32 convolution."""
@@ -368,7 +368,7 @@ def build(model: CLIP, card: ModelCard, weights_sha256: str, target: ExportTarge
         graphs = _fp32_onnx(model, card, weights_sha256, target, cache_dir, work)
         if target.engine == "onnxruntime":
             if target.precision == "int8":
-                graphs = _quantize_onnx(graphs, work)
+                graphs = quantize_dynamic_int8(graphs, work)
             for tower, path in graphs.items():
                 graphs[tower] = staged / f"{tower}.onnx"
                 shutil.copyfile(path, graphs[tower])
