@@ -144,7 +144,7 @@ class Engine:
             # A text's cost is the tokens the model computes for it.
             results = await m.worker.submit_many("text", ids, [len(x) for x in ids],
                                                  deadline=deadline)
-            self._observe_waits(m.name, "text", results)
+            self.observe_waits(m.name, "text", results)
             computed = [r.value for r in results]
         values = np.stack(self.cache.complete(lookup, computed)).astype(np.float32, copy=False)
         return TextEmbeddings(unit(values) if normalize else values, prepared.n_tokens,
@@ -161,7 +161,7 @@ class Engine:
         m.worker.check_admission("image", len(images))
         pixels = await m.images.prepare(images)
         results = await m.worker.submit_many("image", pixels, deadline=deadline)
-        self._observe_waits(m.name, "image", results)
+        self.observe_waits(m.name, "image", results)
         values = np.stack([r.value for r in results]).astype(np.float32, copy=False)
         return unit(values) if normalize else values
 
@@ -260,7 +260,8 @@ class Engine:
             cache.kept.popitem(last=False)
         return clf
 
-    def _observe_waits(self, model: str, kind: str, results) -> None:
+    def observe_waits(self, model: str, kind: str, results) -> None:
+        """Each item's queue wait into the histogram (also for /moderate's own calls)."""
         hist = self.metrics.queue_wait.labels(model, kind)
         for r in results:
             hist.observe(r.queue_s)

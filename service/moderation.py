@@ -257,9 +257,7 @@ class Moderation:
             # Rare: only a JPEG that passed its header check and fails on the device.
             alone = await asyncio.gather(*(self._embed(m, [p], deadline) for p in payloads))
             return [a[0] for a in alone]
-        hist = self.metrics.queue_wait.labels(m.name, "image")
-        for r in results:
-            hist.observe(r.queue_s)
+        self.engine.observe_waits(m.name, "image", results)
         return [np.asarray(r.value, dtype=np.float32) for r in results]
 
     def _decide(self, loaded: LoadedPolicy, kind: str, cats: list[str], emb: np.ndarray,
