@@ -14,6 +14,7 @@ loadgen.py reports batch sizes, refusals and Retry-After; Locust gives its own l
 
 from __future__ import annotations
 
+import gevent
 from loadgen import check_local
 from locust import HttpUser, constant, events, task
 from workloads import Workload, image_pool
@@ -25,6 +26,9 @@ DEFAULT_HOST = "http://127.0.0.1:8000"
 def _local_only(environment, **_kwargs) -> None:
     check_local(environment.host or DEFAULT_HOST)
     image_pool()  # encoded once, before any user starts
+    # Encoding takes seconds with gevent's hub idle, so the hub's cached clock is that far
+    # behind; Locust's --run-time timer, armed next, would fire early by as much.
+    gevent.get_hub().loop.update_now()
 
 
 # One sequence per workload for all users, so no two users send the same caption.

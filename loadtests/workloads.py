@@ -86,8 +86,15 @@ class ImagePool:
     b64: tuple[bytes, ...]  # ASCII base64 of each JPEG, ready to splice into a JSON body
 
 
-@functools.lru_cache(maxsize=4)
 def image_pool(n: int = POOL_SIZE, seed: int = 0) -> ImagePool:
+    """The pool for (n, seed), encoded once per process however it is asked for."""
+    # lru_cache keys on how arguments are spelled: image_pool() and image_pool(seed=0)
+    # would be two entries, and the Locust users would re-encode the pool mid-run.
+    return _encoded_pool(n, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_pool(n: int, seed: int) -> ImagePool:
     jpegs = tuple(photo_jpeg(seed * 1_000_003 + i) for i in range(n))
     return ImagePool(jpegs, tuple(base64.b64encode(j) for j in jpegs))
 

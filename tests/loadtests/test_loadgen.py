@@ -237,3 +237,10 @@ def test_overload_is_refused_with_503_and_retry_after():
     assert s["refused_503"] > 0
     assert s["refused_without_retry_after"] == 0
     assert s["ok"] > 0 and s["error"] == s["timeout"] == s["transport_error"] == 0
+
+
+def test_the_pool_is_encoded_once_however_it_is_asked_for():
+    # The Locust file builds image_pool() before users start; the users then read
+    # Workload.pool, which asks for image_pool(seed=0). One encoding must serve both.
+    assert image_pool() is image_pool(seed=0) is image_pool(64, 0) is Workload("image1").pool
+    assert image_pool(seed=1) is not image_pool()
