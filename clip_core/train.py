@@ -34,6 +34,7 @@ from .errors import ClipCoreError, InvalidInput
 from .loader import load, resolve_dtype
 from .model import CLIP
 from .preprocess import ImageTransform
+from .resnet import ModifiedResNet
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,13 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.model, self.preprocess = self._build()
+        # A ResNet tower's convolutions are faster channels-last (oneDNN's native layout on
+        # the CPU; docs/models/clip-shapes.md has the step times). The same arithmetic,
+        # summed in another order; checkpoints are saved contiguous.
+        self.layout = (torch.channels_last if isinstance(self.model.visual, ModifiedResNet)
+                       else torch.contiguous_format)
         self.model.to(self.device).train()
+        self.model.visual.to(memory_format=self.layout)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay),
                                            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         self.amp = _autocast_dtype(cfg.precision, self.device)
@@ -238,6 +245,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
         images = self.normalize(pixels.to(self.device, non_blocking=True))  # (B, 3, S, S)
+        images = images.contiguous(memory_format=self.layout)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                             enabled=self.amp is not None):
             logits, _ = self.model(images, ids.to(self.device))  # (B, B)

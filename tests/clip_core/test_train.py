@@ -15,7 +15,7 @@ from PIL import Image
 
 from clip_core.checkpoint import read_checkpoint, save_checkpoint
 from clip_core.config import PreprocessConfig
-from clip_core.datasets import CaptionFolder, StepSampler
+from clip_core.datasets import CaptionFolder, Collate, StepSampler
 from clip_core.errors import InvalidInput
 from clip_core.loader import load
 from clip_core.model import CLIP
@@ -163,6 +163,30 @@ def test_the_run_is_reproducible_and_resumes_exactly(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     assert [r["loss"] for r in _log(tmp_path / "full")][:12] == [
         r["loss"] for r in _log(tmp_path / "part")][:12]
+
+
+def test_a_resnet_trains_channels_last_with_the_same_arithmetic(tmp_path):
+    cfg = micro(architecture="RN-Tiny-64", steps=3, batch_size=8, warmup_steps=1)
+    fast, plain = Trainer(cfg, tmp_path / "fast"), Trainer(cfg, tmp_path / "plain")
+    assert fast.layout == torch.channels_last
+    assert fast.model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain.layout = torch.contiguous_format  # the layout the trainer used before
+    plain.model.visual.to(memory_format=torch.contiguous_format)
+    assert not plain.model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    data, collate = fast.dataset(), Collate(fast.preprocess, 77)
+    for step in range(3):
+        pixels, ids = collate([data[step * 8 + i] for i in range(8)])
+        (loss_a, _), (loss_b, _) = fast.train_step(pixels, ids), plain.train_step(pixels, ids)
+        assert loss_a == pytest.approx(loss_b, abs=1e-5), step
+    # Not the weights: Adam turns gradients that are only rounding noise into full steps.
+    with torch.no_grad():
+        images = fast.normalize(pixels)
+        a = fast.model.encode_image(images.contiguous(memory_format=torch.channels_last), True)
+        b = plain.model.encode_image(images, normalize=True)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.9999
+    saved = read_checkpoint(fast._save(final=True)).state_dict  # written contiguous
+    for name, value in fast.model.state_dict().items():
+        assert saved[name].is_contiguous() and torch.equal(saved[name], value), name
 
 
 def test_a_run_is_not_overwritten_by_accident(micro_run):
