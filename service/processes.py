@@ -161,14 +161,18 @@ class _Supervisor:
         try:
             for p in self.procs:
                 p.start()
+                if self.stopping:  # a signal came while the others started
+                    os.kill(p.pid, signal.SIGTERM)
             log.info("%d server processes on %s:%d: pids %s", len(self.procs),
                      self.settings.host, self.port, [p.pid for p in self.procs])
             self._watch()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        codes = [p.exitcode for p in self.procs]
-        return 0 if not self.failed and all(c == 0 for c in codes) else 1
+        # A child stopped by a signal passed on before it could catch it (still starting)
+        # had nothing to drain.
+        clean = (0, -signal.SIGTERM, -signal.SIGINT)
+        return 0 if not self.failed and all(p.exitcode in clean for p in self.procs) else 1
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         # Every signal is forwarded: a second one stops a draining child at once, as it

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -88,12 +89,13 @@ def children(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    """Running, or ended and not yet reaped (a zombie still holds its pid)."""
+    """Still running: neither gone nor a zombie (an orphan's, reaped by whatever runs as
+    pid 1, may linger)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
         return False
-    return True
+    return state != "Z"
 
 
 def embed(url: str, i: int) -> httpx.Response:
@@ -150,9 +152,18 @@ def test_both_processes_answer_and_metrics_are_one_view_whichever_answers(two):
     assert not any(alive(p) for p in kids)
 
 
+def metrics_folder(pid: int) -> Path:
+    """The PROMETHEUS_MULTIPROC_DIR a server process was given."""
+    env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+               if b"=" in kv)
+    return Path(env[b"PROMETHEUS_MULTIPROC_DIR"].decode())
+
+
 def test_sigterm_drains_every_child_and_the_supervisor_exits_0(two):
     kids = children(two.pid)
+    folder = metrics_folder(kids[0])
     assert embed(two.url, 0).status_code == 200
+    assert any(folder.glob("counter_*.db"))  # the request was counted there
     two.proc.send_signal(signal.SIGTERM)
     code = two.proc.wait(BOUND_S)
     out = two.output()
@@ -160,6 +171,18 @@ def test_sigterm_drains_every_child_and_the_supervisor_exits_0(two):
     assert out.count("drained cleanly") == 2, out[-3000:]
     assert not any(alive(p) for p in kids)
     assert listening(two.port) == []
+    assert not folder.exists()  # the supervisor removed the metrics files
+
+
+def test_children_stop_when_the_supervisor_is_killed(two):
+    kids = children(two.pid)
+    folder = metrics_folder(kids[0])
+    try:
+        two.proc.kill()  # no forwarding: each child gets SIGTERM from the kernel
+        two.proc.wait(BOUND_S)
+        _until(lambda: not any(alive(p) for p in kids), "the children ended")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the supervisor could not
 
 
 def test_a_child_that_dies_stops_the_others_and_the_supervisor_fails(two):
