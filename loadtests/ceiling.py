@@ -243,6 +243,24 @@ def server_processes(pid: int) -> list[int]:
     return sorted(children) or [pid]
 
 
+def listening(port: int) -> int:
+    """IPv4 sockets listening on `port` (/proc/net/tcp, state 0A): one per server process
+    that serves, each with its own SO_REUSEPORT socket."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for f in (r.split() for r in rows)
+               if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port)
+
+
+def wait_listening(port: int, n: int, timeout: float) -> None:
+    """Until `n` processes listen on `port`: /readyz is answered by the first one up, and
+    the kernel spreads connections only over those that listen."""
+    deadline = time.monotonic() + timeout
+    while listening(port) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{listening(port)} of {n} server processes listen on {port}")
+        time.sleep(0.2)
+
+
 def server_threads(pids: Collection[int]) -> dict[int, tuple[str, float]]:
     """`thread_cpu` of every process in `pids`, together (thread ids are system-wide)."""
     out: dict[int, tuple[str, float]] = {}
@@ -436,7 +454,10 @@ def run(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"the server serves {model['name']} with {model['engine']}")
         report["model"] = model
         # The server processes: the supervisor's children, or the server alone.
-        loop_pids = server_processes(server.pid) if args.processes > 1 else [server.pid]
+        loop_pids = [server.pid]
+        if args.processes > 1:
+            wait_listening(server.port, args.processes, args.ready_timeout)
+            loop_pids = server_processes(server.pid)
         if len(loop_pids) != args.processes:
             raise RuntimeError(f"{len(loop_pids)} server processes, {args.processes} asked for")
         report["server_pids"] = loop_pids
