@@ -6,6 +6,9 @@ test_processes.py runs the real ones)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
 
 import pytest
 from conftest import metric_total
@@ -14,7 +17,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import tuning
-from service.__main__ import main
+from service.__main__ import JsonLines, main
 from service.metrics import Metrics
 from service.processes import for_one_process
 from service.settings import Settings
@@ -170,3 +173,9 @@ def test_publishing_refreshes_until_cancelled_and_survives_a_failing_hook():
 
     asyncio.run(run())
     assert len(calls) >= 2  # the loop went on after the hook raised
+
+
+def test_log_lines_name_their_process_only_with_several():
+    record = logging.LogRecord("service", logging.INFO, __file__, 1, "hello", None, None)
+    assert "pid" not in json.loads(JsonLines().format(record))  # one process: as before
+    assert json.loads(JsonLines(pid=True).format(record))["pid"] == os.getpid()
