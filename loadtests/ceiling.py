@@ -261,6 +261,14 @@ def wait_listening(port: int, n: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
+def requests_by_process(url: str) -> dict[str, float]:
+    """pid -> requests it answered (clip_process_requests, published each second)."""
+    time.sleep(1.5)  # every process's latest count
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {m[1]: float(m[2]) for m in re.finditer(
+        r'^clip_process_requests\{pid="(\d+)"\} (\S+)$', text, re.M)}
+
+
 def server_threads(pids: Collection[int]) -> dict[int, tuple[str, float]]:
     """`thread_cpu` of every process in `pids`, together (thread ids are system-wide)."""
     out: dict[int, tuple[str, float]] = {}
@@ -476,6 +484,10 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{phase.name}: {result['items_per_s']:,.0f} items/s, loop "
                   f"{result['us_per_item']['loop']:,.0f} µs/item, server "
                   f"{result['us_per_item']['server']:,.0f} µs/item", flush=True)
+        if args.processes > 1:
+            report["requests_by_process"] = requests_by_process(server.url)
+            print(f"requests answered by each server process: "
+                  f"{report['requests_by_process']}", flush=True)
     finally:
         if clients is not None:
             clients.close()
