@@ -132,6 +132,10 @@ def test_both_processes_answer_and_metrics_are_one_view_whichever_answers(two):
     by = two.answered_by("/embed")
     assert len(by) == sent and set(by) == set(kids), by
 
+    # A request is counted just after its answer is sent: let the last one land.
+    _until(lambda: metric_total(httpx.get(two.url + "/metrics", timeout=10).text,
+                                "clip_requests_total", endpoint="/embed") == sent,
+           "the last request counted")
     # Scrape until both children have answered a scrape (each scrape a new connection);
     # every scrape counts every request, whichever child renders it.
     seen: set[int] = set()
