@@ -31,10 +31,11 @@ class Served(ServerProcess):
     """`python -m service --model ViT-B-32` with the null engine, its output in a file,
     ready once /readyz answers and every server process listens."""
 
-    def __init__(self, processes: int, model: str = "ViT-B-32"):
+    def __init__(self, processes: int, model: str = "ViT-B-32",
+                 env: dict[str, str] | None = None):
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the server)
         super().__init__(["--model", model],
-                         {**NULL, "CLIP_PROCESSES": str(processes)},
+                         {**NULL, "CLIP_PROCESSES": str(processes), **(env or {})},
                          stdout=self._log, stderr=subprocess.STDOUT)
         self.processes = processes
 
@@ -98,10 +99,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def embed(url: str, i: int) -> httpx.Response:
+def embed(url: str, i: int, key: str | None = None) -> httpx.Response:
     # A new connection each time (no pool): the kernel picks a child per connection.
     return httpx.post(url + "/embed", json={"texts": [f"caption {i}", f"another {i}"]},
-                      timeout=10)
+                      headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
 
 
 def _process_series(exposition: str) -> dict[int, float]:
@@ -223,3 +224,19 @@ def test_one_process_is_no_supervisor():
     finally:
         code = server.stop(15)
     assert code == 0
+
+
+def test_a_keys_rate_limit_is_divided_between_the_processes():
+    key = "k" * 16
+    # A burst of 4 and no refill to speak of: 2 requests per child, 4 in all.
+    server = Served(2, env={"CLIP_API_KEYS": key, "CLIP_RATE_LIMIT_PER_S": "0.001",
+                            "CLIP_RATE_LIMIT_BURST": "4"})
+    try:
+        server.wait_serving()
+        statuses = [embed(server.url, i, key).status_code for i in range(30)]
+        # 30 connections reach both children (fewer than 2 on one: 62 runs in 2**30).
+        assert sorted(set(statuses)) == [200, 429] and statuses.count(200) == 4, statuses
+        ok_by = server.answered_by("/embed")
+        assert len(ok_by) == 30 and len(set(ok_by)) == 2
+    finally:
+        assert server.stop(15) == 0
