@@ -12,8 +12,7 @@ loop, run by `service.__main__`'s DrainingServer.
   measured against it (docs/benchmarks.md, "Several processes"): every child's event
   loop wakes for each connection and the first to call accept() takes it, so the few
   long-lived connections of a load balancer or a client pool gathered on whichever
-  child woke first (all 8 of 8 on one child in 7 trials of 8; with SO_REUSEPORT the
-  busier child had 51-78 %). The supervisor binds the port too, without listening (it receives
+  child woke first, where the kernel's hash spreads them. The supervisor binds the port too, without listening (it receives
   no connections), to hold it and to fail at once, as one process would, when it is
   taken; with port 0 that fixes the port the children share.
 - **Cores.** Each child sizes its default thread counts on its share of the cores
