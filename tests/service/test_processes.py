@@ -1,7 +1,7 @@
 """Several server processes (service.processes) without starting any: the setting's
 validation, each process's share of the cores and of the rate limits, and metrics merged
-from per-process files, with two processes simulated in this one (tests/e2e/
-test_processes.py runs the real ones)."""
+from per-process files, with two processes simulated in this one
+(tests/e2e/test_processes_e2e.py runs the real ones)."""
 
 from __future__ import annotations
 
