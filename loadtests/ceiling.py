@@ -12,12 +12,15 @@ phase per request shape:
     python loadtests/ceiling.py --json out/ceiling.json
     python loadtests/ceiling.py --quick                  # seconds: a smoke test
     python loadtests/ceiling.py --server-env CLIP_PREPROCESS=device   # no decoding here
+    python loadtests/ceiling.py --processes 2     # a supervisor and 2 server processes
 
 Per phase: items/s, latency percentiles, and CPU per item, read from /proc at the measured
 window's two ends: the server's by thread, grouped by the thread's name (the server names
 its OS threads, service.tuning.name_os_threads): the event loop (the main thread), the
 pools (image decoding; the loop's default executor, which tokenises large requests), the
-model's serving threads, the rest; and the load generator's processes. Then the projection
+model's serving threads, the rest; and the load generator's processes. With --processes N
+the server is a supervisor and N server processes (CLIP_PROCESSES): their threads are
+summed, each child's main thread counting as an event loop. Then the projection
 to a 16-core GPU host: each item's budget at the goals (5,000 images/s, 20,000 texts/s),
 and how many event loops and cores they would need at the measured CPU per item.
 
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -224,9 +228,60 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
-def group_of(name: str, tid: int, pid: int) -> str:
-    """The part of the server a thread belongs to, by its name (service.tuning names them)."""
-    if tid == pid:
+def server_processes(pid: int) -> list[int]:
+    """The server's processes: `pid` alone, or with CLIP_PROCESSES > 1 the children of
+    the supervisor `pid` that serve (not multiprocessing's resource tracker)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
+            children.append(int(stat.parent.name))
+    return sorted(children) or [pid]
+
+
+def listening(port: int) -> int:
+    """IPv4 sockets listening on `port` (/proc/net/tcp, state 0A): one per server process
+    that serves, each with its own SO_REUSEPORT socket."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for f in (r.split() for r in rows)
+               if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port)
+
+
+def wait_listening(port: int, n: int, timeout: float) -> None:
+    """Until `n` processes listen on `port`: /readyz is answered by the first one up, and
+    the kernel spreads connections only over those that listen."""
+    deadline = time.monotonic() + timeout
+    while listening(port) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{listening(port)} of {n} server processes listen on {port}")
+        time.sleep(0.2)
+
+
+def requests_by_process(url: str) -> dict[str, float]:
+    """pid -> requests it answered (clip_process_requests, published each second)."""
+    time.sleep(1.5)  # every process's latest count
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {m[1]: float(m[2]) for m in re.finditer(
+        r'^clip_process_requests\{pid="(\d+)"\} (\S+)$', text, re.M)}
+
+
+def server_threads(pids: Collection[int]) -> dict[int, tuple[str, float]]:
+    """`thread_cpu` of every process in `pids`, together (thread ids are system-wide)."""
+    out: dict[int, tuple[str, float]] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a process that ended counts no more
+            out |= thread_cpu(pid)
+    return out
+
+
+def group_of(name: str, tid: int, pid: int | Collection[int]) -> str:
+    """The part of the server a thread belongs to, by its name (service.tuning names them);
+    `pid`: the server process, or each of several (their main threads are event loops)."""
+    if tid == pid or (not isinstance(pid, int) and tid in pid):
         return "loop"  # uvicorn runs the event loop on the main thread
     if name.startswith(("prepare-", "decode", "asyncio", "tokeni", "b64", "base64")):
         return "pools"  # decode pool; the loop's default executor (large tokenisations)
@@ -241,7 +296,7 @@ def thread_family(name: str) -> str:
 
 
 def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
-              pid: int) -> tuple[dict[str, float], dict[str, float]]:
+              pid: int | Collection[int]) -> tuple[dict[str, float], dict[str, float]]:
     """CPU seconds between two `thread_cpu` readings, by group and by thread family. A
     thread born in between counts from zero; one that ended in between is lost (pools
     keep theirs)."""
@@ -250,24 +305,28 @@ def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     for tid, (name, cpu) in after.items():
         d = cpu - before.get(tid, (name, 0.0))[1]
         groups[group_of(name, tid, pid)] += d
-        fam = "main (event loop)" if tid == pid else thread_family(name)
+        main = tid == pid or (not isinstance(pid, int) and tid in pid)
+        fam = "main (event loop)" if main else thread_family(name)
         families[fam] = families.get(fam, 0.0) + d
     return groups, {k: round(v, 3) for k, v in sorted(families.items()) if v > 0}
 
 
 class Window(threading.Thread):
-    """Reads the server's threads and the clients' CPU at both ends of [start, end) of
-    time.time()."""
+    """Reads the server's threads (the process `server_pid` and the server processes
+    `loop_pids` it supervises, or itself alone) and the clients' CPU at both ends of
+    [start, end) of time.time()."""
 
-    def __init__(self, server_pid: int, client_pids: list[int], start: float, end: float):
+    def __init__(self, server_pid: int, loop_pids: list[int], client_pids: list[int],
+                 start: float, end: float):
         super().__init__(daemon=True)
-        self.server_pid, self.client_pids = server_pid, client_pids
+        self.server_pids = sorted({server_pid, *loop_pids})
+        self.loop_pids, self.client_pids = set(loop_pids), client_pids
         self.start_at, self.end_at = start, end
         self.readings: list[tuple[float, dict, float]] = []
 
     def _read(self) -> None:
         clients = sum(cpu_s(p) for p in self.client_pids)
-        self.readings.append((time.time(), thread_cpu(self.server_pid), clients))
+        self.readings.append((time.time(), server_threads(self.server_pids), clients))
 
     def run(self) -> None:
         time.sleep(max(0.0, self.start_at - time.time()))
@@ -277,18 +336,18 @@ class Window(threading.Thread):
 
     def cpu(self) -> dict:
         (t0, s0, c0), (t1, s1, c1) = self.readings
-        groups, families = cpu_delta(s0, s1, self.server_pid)
+        groups, families = cpu_delta(s0, s1, self.loop_pids)
         return {"window_s": t1 - t0, "server_s": groups, "server_threads_s": families,
                 "clients_s": c1 - c0}
 
 
 # ---- one phase, the run, the report ----
 
-def run_phase(clients: Clients, server: ServerProcess, phase: Phase, concurrency: int,
-              args: argparse.Namespace, seed: int) -> dict:
+def run_phase(clients: Clients, server: ServerProcess, loop_pids: list[int], phase: Phase,
+              concurrency: int, args: argparse.Namespace, seed: int) -> dict:
     clients.prepare((phase, concurrency, args.warmup, args.duration, args.timeout, seed))
     start_at = time.time() + 0.3
-    window = Window(server.pid, clients.pids, start_at + args.warmup,
+    window = Window(server.pid, loop_pids, clients.pids, start_at + args.warmup,
                     start_at + args.warmup + args.duration)
     window.start()
     clients.start(start_at)
@@ -382,6 +441,7 @@ def run(args: argparse.Namespace) -> dict:
     env = {"CLIP_ENGINE": "null", "CLIP_LOG_FORMAT": "text", "CLIP_LOG_LEVEL": "warning",
            "CLIP_MAX_BATCH_SIZE": str(args.max_batch_size),
            "CLIP_MAX_BATCH_TOKENS": str(args.max_batch_size * 77),
+           "CLIP_PROCESSES": str(args.processes),
            **({"CLIP_PREPARE_WORKERS": str(args.prepare_workers)} if args.prepare_workers
               else {}),
            **dict(args.server_env)}
@@ -401,13 +461,22 @@ def run(args: argparse.Namespace) -> dict:
         if model["engine"] != "null":
             raise RuntimeError(f"the server serves {model['name']} with {model['engine']}")
         report["model"] = model
+        # The server processes: the supervisor's children, or the server alone.
+        loop_pids = [server.pid]
+        if args.processes > 1:
+            wait_listening(server.port, args.processes, args.ready_timeout)
+            loop_pids = server_processes(server.pid)
+        if len(loop_pids) != args.processes:
+            raise RuntimeError(f"{len(loop_pids)} server processes, {args.processes} asked for")
+        report["server_pids"] = loop_pids
         clients = Clients(args.clients, server.url, args.pool_size)
         for i, phase in enumerate(chosen):
             concurrency = {"images": args.image_concurrency,
                            "texts": args.text_concurrency}[phase.kind]
             if phase.items == 1:
                 concurrency = args.text1_concurrency
-            runs = [run_phase(clients, server, phase, concurrency, args, seed=i * 10 + k)
+            runs = [run_phase(clients, server, loop_pids, phase, concurrency, args,
+                              seed=i * 10 + k)
                     for k in range(args.repeats)]
             result = median_run(runs)
             result["projection"] = projection(result)
@@ -415,6 +484,10 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{phase.name}: {result['items_per_s']:,.0f} items/s, loop "
                   f"{result['us_per_item']['loop']:,.0f} µs/item, server "
                   f"{result['us_per_item']['server']:,.0f} µs/item", flush=True)
+        if args.processes > 1:
+            report["requests_by_process"] = requests_by_process(server.url)
+            print(f"requests answered by each server process: "
+                  f"{report['requests_by_process']}", flush=True)
     finally:
         if clients is not None:
             clients.close()
@@ -454,6 +527,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prepare-workers", type=int, default=None,
                    help="the server's decode threads (default: the server's own)")
     p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes (CLIP_PROCESSES); >1: a supervisor and its children")
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--phases", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="a comma list of phase names (default: all)")
@@ -476,7 +551,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= args.repeats <= MAX_REPEATS:
         p.error(f"--repeats: 1 to {MAX_REPEATS}")
     if min(args.images, args.image_concurrency, args.text_concurrency,
-           args.text1_concurrency, args.pool_size) < 1:
+           args.text1_concurrency, args.pool_size, args.processes) < 1:
         p.error("counts must be >= 1")
     return args
 

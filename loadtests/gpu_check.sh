@@ -19,6 +19,8 @@
 #   graphs, preprocess, graphs_l14   loadtests/bench_gpu_parts.py (CUDA graphs, decoding)
 #   service     the server under load from two client processes (loadtests/gpu_load.py),
 #               as configured and again with CLIP_PREPROCESS=device CLIP_CUDA_GRAPHS=true
+#   processes   the serving layer's own ceiling (loadtests/ceiling.py, null engine) with
+#               CLIP_PROCESSES=1, 4 and 8: multipart images and 64-text requests (~150 s)
 #
 # At most 8 files land in $OUT, no folders: summary.md (printed at the end too), log.txt
 # (everything printed), nvidia-smi.txt, tests.txt, probe.json, parts.json, service.json,
@@ -164,6 +166,21 @@ else
         --server-log "$OUT/server.log" --model ViT-B-32 --device cuda --dtype fp16 \
         --clients 2 --duration 8 --warmup 2 "${SERVER_ENV[@]}" "${DEVICE_VARIANT[@]}"
     step nvidia-smi-after 20 bash -c 'smi "after the load"'
+fi
+
+# Several server processes on one port (CLIP_PROCESSES): the null engine's ceiling with 1,
+# 4 and 8 processes, each run bounded; the tables land in log.txt, the reports in $WORK.
+CEILING_PHASES=images-multipart/base64,texts64/base64
+if ((DRY)); then
+    step processes 90 "$PY" loadtests/ceiling.py --quick --processes 2 \
+        --phases images-multipart/base64,texts16/base64 --json "$WORK/ceiling_p2.json"
+else
+    step processes 150 bash -c 'for n in 1 4 8; do
+            echo "--- CLIP_PROCESSES=$n"
+            timeout -k 5 48 "$PY" loadtests/ceiling.py --processes "$n" --phases "$1" \
+                --clients 6 --image-concurrency 4 --text-concurrency 8 --warmup 1 \
+                --duration 4 --json "$WORK/ceiling_p$n.json" || exit 1
+        done' processes "$CEILING_PHASES"
 fi
 
 # Last and first to go when time is short: ViT-L/14 with graphs.

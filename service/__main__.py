@@ -1,4 +1,5 @@
-"""`clip-serve` / `python -m service`: settings from flags and CLIP_* variables, then uvicorn."""
+"""`clip-serve` / `python -m service`: settings from flags and CLIP_* variables, then uvicorn
+in this process, or in CLIP_PROCESSES children of a supervisor (service.processes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
 import sys
 import time
 import warnings
@@ -23,6 +25,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from .app import create_app, drain
+from .processes import Child, enter_child, for_one_process, reuseport_socket, supervise
 from .settings import Settings
 from .tuning import name_os_threads
 
@@ -42,11 +45,22 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._timeout = timeout
         self._draining = False
+        self._publishing: asyncio.Task | None = None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if getattr(self._app.state, "startup_error", None):
             self.should_exit = True  # the lifespan logged why; main() exits non-zero
+        elif self._app.state.metrics.multiprocess:
+            # One of several processes: its gauges read from state reach the others'
+            # scrapes through its metrics file (service.metrics).
+            self._publishing = asyncio.get_running_loop().create_task(
+                self._app.state.metrics.publish())
+
+    async def shutdown(self, sockets=None) -> None:
+        if self._publishing is not None:
+            self._publishing.cancel()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
         if self._draining:  # a second signal: stop now
@@ -68,7 +82,12 @@ class DrainingServer(uvicorn.Server):
 
 
 class JsonLines(logging.Formatter):
-    """One JSON object per record, what container log collectors expect."""
+    """One JSON object per record, what container log collectors expect; with several
+    server processes, each names its process (`pid`)."""
+
+    def __init__(self, pid: bool = False):
+        super().__init__()
+        self._pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -78,15 +97,20 @@ class JsonLines(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._pid:
+            entry["pid"] = record.process
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
 def configure_logging(settings: Settings) -> None:
+    several = settings.processes > 1
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonLines() if settings.log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLines(pid=several) if settings.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s"
+                                           f"{'[%(process)d]' if several else ''}: "
+                                           "%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
@@ -110,6 +134,8 @@ def parse_args(argv: list[str] | None) -> dict:
     p.add_argument("--max-queue-wait-s", type=float)
     p.add_argument("--streams", type=int)
     p.add_argument("--torch-threads", type=int)
+    p.add_argument("--processes", type=int,
+                   help="complete server processes on one port (default 1: no supervisor)")
     p.add_argument("--request-timeout-s", type=float)
     p.add_argument("--cache-dir")
     p.add_argument("--offline", action="store_const", const=True)
@@ -127,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clip-serve: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    if settings.processes > 1:
+        return supervise(settings, "service.__main__:serve_child")
+    return serve(settings)
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """One complete server in this process, on `sockets` or on the settings' host and
+    port, until a signal has drained it; the exit status."""
     name_os_threads()  # per-thread CPU in /proc, by name (loadtests/ceiling.py reads it)
     # Pillow's decompression-bomb warning is an error in the server process (the image
     # preparer also checks the size itself, whatever the filters say).
@@ -135,12 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     server = DrainingServer(config, app, settings.drain_timeout_s)
-    server.run()
+    server.run(sockets)
     # uvicorn returns normally on SIGTERM; a model that could not load, or a failed bind,
     # must be a non-zero exit so orchestrators see it.
     if getattr(app.state, "startup_error", None) or not server.started:
         return 1
     return 0
+
+
+def serve_child(settings: Settings, child: Child) -> None:
+    """One of several server processes (spawned by service.processes.supervise): the whole
+    server on its own SO_REUSEPORT socket; its exit status is the process's."""
+    configure_logging(settings)
+    enter_child(child)
+    try:
+        sock = reuseport_socket(settings.host, child.port)
+    except OSError as e:
+        log.error("cannot bind %s:%d: %s", settings.host, child.port, e)
+        sys.exit(1)
+    sys.exit(serve(for_one_process(settings), [sock]))
 
 
 if __name__ == "__main__":

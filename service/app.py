@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=settings.processes > 1)
     lifecycle = Lifecycle()
-    metrics.in_flight.set_function(lambda: lifecycle.inflight)
+    metrics.count_in_flight(lambda: lifecycle.inflight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     # the buckets run eagerly, with no gain.
     cuda_graphs: bool = False
 
+    # Complete server processes on one port (service.processes): each with its own models,
+    # batcher, admission and caches, on its share of the cores; 1: one process, no
+    # supervisor. Rate limits are divided between them; queue bounds are per process.
+    processes: int = Field(1, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_format: Literal["json", "text"] = "json"

@@ -3,7 +3,8 @@
 Every setting that exists for speed or memory rather than for correctness lives here,
 with the reason it is needed; docs/benchmarks.md says how much each one measured.
 
-- Cores. On CPU the model gets every core this process may use (`usable_cores`),
+- Cores. On CPU the model gets every core this process may use (`usable_cores`: with
+  several server processes, its share of them, `share_cores`),
   shared out over the worker's streams by `thread_share`. OpenMP's thread count belongs
   to the calling thread, so each serving thread sets its own (service.backend). Only
   the serving threads should run parallel torch ops: libgomp keeps a team of threads
@@ -61,11 +62,35 @@ def environment_defaults(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def usable_cores() -> int:
-    """Cores this process may run on: a container's cpuset, not the host's count."""
+    """Cores this process may use: its share (`share_cores`) of those it may run on, a
+    container's cpuset rather than the host's count."""
+    return max(1, machine_cores() // _processes)
+
+
+def machine_cores() -> int:
+    """Cores this process may run on, shared with its sibling server processes."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+# Complete server processes sharing the machine's cores (CLIP_PROCESSES), set once by
+# `share_cores` before a server process builds its app. Module state rather than a
+# setting passed down: every default that counts cores (torch threads, streams, the
+# decode pool, the exported engines' threads) reads `usable_cores`, and each must count
+# this process's share, not the machine.
+_processes = 1
+
+
+def share_cores(processes: int) -> None:
+    """From now on `usable_cores` is this process's share of the cores: 1/`processes` of
+    them (at least one), so that N processes with their default thread counts do not
+    oversubscribe the machine. Explicit thread settings stay per process."""
+    global _processes
+    if processes < 1:
+        raise ValueError("processes must be >= 1")
+    _processes = processes
 
 
 class _Placed(Protocol):
