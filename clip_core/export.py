@@ -44,11 +44,10 @@ from torch import nn
 from .config import PreprocessConfig
 from .model import CLIP
 from .moderation.fingerprint import model_fingerprint
-from .vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the graphs change: every older export becomes stale
+FORMAT_VERSION = 3  # bump when the graphs change: every older export becomes stale
 DEFAULT_OPSET = 17
 Engine = Literal["onnxruntime", "openvino"]
 Precision = Literal["fp32", "int8"]
@@ -139,18 +138,10 @@ class ImageTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels.float() / 255 - self.mean) / self.std  # (B, 3, S, S) fp32
-        visual = self.model.visual
-        if not isinstance(visual, VisionTransformer):  # the ResNet traces as it runs
-            return visual(x)
-        # The ViT's own forward pools the class token inside its last block, and that path
-        # sizes a view by len(), which the tracer freezes to the example batch. Here the
-        # last block runs on every token and the class token is read after: the same
-        # numbers, the batch dynamic.
-        x = visual.conv1(x).flatten(2).transpose(1, 2)  # (B, G*G, D)
-        cls = visual.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding  # (B, 1 + G*G, D)
-        x = visual.transformer(visual.ln_pre(x))[:, 0]  # (B, D)
-        return visual.ln_post(x) @ visual.proj  # (B, E)
+        # The ViT pools the class token inside its last block (one query there, not every
+        # token's), as PyTorch serves it; one_query sizes its views by q.shape[0], so the
+        # batch stays dynamic. The ResNet traces as it runs.
+        return self.model.visual(x)  # (B, E)
 
 
 class TextTower(nn.Module):
@@ -169,8 +160,8 @@ class TextTower(nn.Module):
         m = self.model
         eot = tokens.argmax(dim=-1)  # (B,)
         x = m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]  # (B, L, D)
-        x = m.transformer(x, causal=True)  # (B, L, D)
-        x = x[torch.arange(x.shape[0]), eot]  # (B, D)
+        # The last block runs for the end-of-text query alone, as in CLIP.encode_text.
+        x = m.transformer(x, causal=True, pool=eot)  # (B, D)
         return m.ln_final(x) @ m.text_projection  # (B, E)
 
 

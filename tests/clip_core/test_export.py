@@ -210,6 +210,19 @@ def test_a_corrupt_export_is_rebuilt_and_serves_correctly(tiny, caplog):
     assert np.abs(got - ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_towers_pooled_in_their_last_block_keep_the_batch_dynamic(pristine, batch):
+    """Both graphs run their last block for the pooled token alone (one_query), traced at
+    batch 2; a batch size frozen into them (as len(q) would) fails or differs here."""
+    model, cache = pristine
+    towers = open_export(_exported(model, cache, ExportTarget("onnxruntime")), 1)
+    pixels = torch.from_numpy(calibration_images(batch, 32, seed=batch))
+    ids = random_tokens(batch, [6] * batch, seed=batch)  # one length: one call of `batch`
+    ref_img, ref_txt = _reference(model, pixels, ids)
+    assert np.abs(_unit(towers.image(pixels.numpy())) - ref_img).max() <= 1e-5
+    assert np.abs(_unit(towers.text(ids.numpy())) - ref_txt).max() <= 1e-5
+
+
 def test_an_export_for_other_weights_is_never_served(tiny):
     model, cache, target, pre = tiny
     export = load_cached(cache, state_dict_sha256(model), target, pre)
