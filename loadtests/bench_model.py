@@ -8,6 +8,13 @@ all 77 positions; ours trims the batch to its longest text.
     python loadtests/bench_model.py --model ViT-B-32 --batch-sizes 1,8,32 --dtypes fp32,bf16
     python loadtests/bench_model.py --model ViT-B-32/laion2b_s34b_b79k   # a registry name
 
+With --engine, the exported engines (clip_core.export) beside torch fp32 instead of
+open_clip; --torch-padded and --text-call-tokens time what packing and length groups are
+worth to texts (docs/benchmarks.md, issue 23):
+
+    python loadtests/bench_model.py --engine torch,onnxruntime,openvino --inputs text \
+        --batch-sizes 1,16,64 --dtypes fp32 --torch-padded --text-call-tokens inf
+
 Weights are always random: timings do not depend on their values.
 """
 
