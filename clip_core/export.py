@@ -527,6 +527,7 @@ def texts_by_length(run: Callable[[np.ndarray], np.ndarray],
             if out is None:
                 out = np.empty((len(ids), y.shape[1]), dtype=y.dtype)
             out[rows] = y
+        assert out is not None  # two groups or more ran
         return out
 
     return text
