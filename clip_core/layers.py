@@ -148,7 +148,9 @@ class SelfAttention(nn.Module):
         if packing is not None:
             kv = packing.unpack(kv)
         n, hd = kv.shape[1], d // self.heads
-        k, v = kv.view(len(q), n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        # q.shape[0], not len(q): the ONNX tracer keeps the one symbolic and freezes the
+        # other to the example's batch.
+        k, v = kv.view(q.shape[0], n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
         mask = None
         if causal:
             mask = (torch.arange(n, device=x.device) <= positions[:, None]).view(-1, 1, 1, n)

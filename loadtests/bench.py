@@ -17,6 +17,10 @@ is started on 127.0.0.1 and driven by loadtests/loadgen.py:
   overload  open loop (Poisson) at twice image1's measured rate, the server's RSS read
             every second from /proc
 
+--engine onnxruntime|openvino serves the model from its export (CLIP_ENGINE) and times that
+engine's raw towers instead of torch's (engine_raw): the service is held against its own
+engine. The export is built here first, into the cache the server is pointed at.
+
 --repeats N runs image1..image16 N times and takes medians. The server is always stopped
 at the end (SIGTERM, then SIGKILL). A missed target is reported as FAIL and the exit status
 stays 0 unless --strict. Writes report.json, report.md, server.log and PNG plots to --out.
@@ -238,6 +242,66 @@ async def _phases(args: argparse.Namespace, plan: Plan, server: ServerProcess) -
 # ---- targets ----
 
 
+def engine_raw(args: argparse.Namespace, threads: int, plan: Plan, cache: Path) -> dict:
+    """The server's exported engine (clip_core.export) timed in this process, no server
+    running: the keys bench_raw.measure gives that the targets read, for the engine's
+    towers opened as the server opens them (`threads` threads), images as uint8 pixels and
+    the short texts trimmed to each batch's longest."""
+    import numpy as np
+    from bench_model import _rate, short_texts
+    from bench_raw import best
+
+    from clip_core.export import ExportTarget, ensure, open_export
+    from clip_core.preprocess import ImageTransform, open_image
+    from clip_core.tokenizer import Tokenizer
+
+    target = ExportTarget(args.engine, "int8" if args.int8 else "fp32")
+    print(f"raw: the {args.engine} {target.precision} export in {cache} (built when missing)",
+          flush=True)
+    export = ensure(args.model, target, cache_dir=cache, random_weights=True)
+    towers = open_export(export, threads, 1, args.dtype == "bf16")
+    s, rng, tokenizer = export.card.image_size, np.random.default_rng(0), Tokenizer()
+
+    def per_s(fn, inputs: dict[int, np.ndarray]) -> dict[int, float]:
+        out = {}
+        for bs, x in inputs.items():
+            fn(x)  # the runtimes plan each shape on its first run
+            out[bs] = statistics.median(_rate(lambda x=x: fn(x), bs, plan.raw_min_time)
+                                        for _ in range(plan.raw_repeats))
+        return out
+
+    def trimmed(bs: int) -> np.ndarray:
+        ids = tokenizer(short_texts(bs, seed=bs)).ids
+        return ids[:, :int(ids.argmax(-1).max()) + 1].numpy()
+
+    raw: dict = {"model": export.card.name, "engine": args.engine, "dtype": towers.dtype,
+                 "device": "cpu", "threads": threads, "batch_sizes": BATCH_SIZES,
+                 "export": str(export.directory),
+                 "open_clip": {"unavailable": f"not timed: the {args.engine} engine's own raw "
+                                              f"numbers are the references"}}
+    print("raw: images ...", flush=True)
+    raw["image_per_s"] = per_s(towers.image, {b: rng.integers(0, 256, (b, 3, s, s), np.uint8)
+                                              for b in BATCH_SIZES})
+    raw["image_best"] = best(raw["image_per_s"])
+    one = rng.integers(0, 256, (1, 3, s, s), np.uint8)
+    times = []
+    for _ in range(max(10, plan.idle_requests)):
+        start = time.perf_counter()
+        towers.image(one)
+        times.append(time.perf_counter() - start)
+    raw["image_batch1_ms"] = statistics.median(times) * 1000
+    transform, times = ImageTransform(export.card.preprocess), []
+    for jpeg in image_pool().jpegs[:16]:
+        start = time.perf_counter()
+        transform.pixels(open_image(jpeg))
+        times.append(time.perf_counter() - start)
+    raw["preprocess_ms"] = statistics.median(times) * 1000
+    print("raw: texts ...", flush=True)
+    raw["text_per_s"] = per_s(towers.text, {b: trimmed(b) for b in BATCH_SIZES})
+    raw["text_best"] = best(raw["text_per_s"])
+    return raw
+
+
 def _row(target: str, measured: str, reference: str, passed: bool | None, key: str) -> dict:
     return {"key": key, "target": target, "measured": measured, "reference": reference,
             "result": "n/a" if passed is None else "PASS" if passed else "FAIL"}
@@ -265,6 +329,13 @@ def targets(raw: dict, svc: dict) -> list[dict]:
                          "77-token texts/s", f"{txt:.1f} texts/s",
                          f"open_clip unavailable: {oc.get('unavailable', '?')}", None,
                          "text_throughput"))
+    if "engine" in raw:  # the service against its own exported engine (issue 23)
+        best_txt = raw["text_best"]
+        ref = 0.9 * best_txt["items_per_s"]
+        rows.append(_row(f"short texts, 1 per request, 32 callers: >= 0.9 x {raw['engine']} "
+                         f"raw best-batch texts/s", f"{txt:.1f} texts/s",
+                         f"{ref:.1f} (raw {best_txt['items_per_s']:.1f} at batch "
+                         f"{best_txt['batch']})", txt >= ref, "text_vs_engine"))
     clf = ph["classify"]["items_per_s"]
     ref = 0.85 * img
     rows.append(_row("classify, same 10 labels, 16 callers: >= 0.85 x image1 service img/s",
@@ -347,7 +418,8 @@ def markdown(report: dict) -> str:
                      f"{(md['p50_s'] or 0) * 1000:.0f} | {(md['p99_s'] or 0) * 1000:.0f} | "
                      f"{md['errors']} | {md['refused']} | {md['server_cpu_s'] or 0:.1f} | "
                      f"{md['client_cpu_share']:.0%} of a core |")
-    lines += ["", "raw, items/s by batch size: images " + ", ".join(
+    engine = f" ({raw['engine']} {raw['dtype']})" if "engine" in raw else ""
+    lines += ["", f"raw{engine}, items/s by batch size: images " + ", ".join(
         f"{b}: {v:.1f}" for b, v in raw["image_per_s"].items()) + "; texts (ours) " + ", ".join(
         f"{b}: {v:.1f}" for b, v in raw["text_per_s"].items())]
     if "text77_per_s" in raw.get("open_clip", {}):
@@ -416,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     # The server's engine (CLIP_ENGINE); its raw speed: loadtests/bench_model.py --engine.
     p.add_argument("--engine", default=None, choices=["torch", "onnxruntime", "openvino"])
     p.add_argument("--int8", action="store_true", help="with --engine: CLIP_INT8=true")
+    p.add_argument("--export-cache", type=Path, default=None,
+                   help="with --engine onnxruntime|openvino: the server's CLIP_CACHE_DIR, where "
+                        "the export is built before the run (default: the server's default)")
+    p.add_argument("--raw-min-time", type=float, help="seconds per raw timing (1.5)")
+    p.add_argument("--raw-repeats", type=int, help="raw timings per batch size, median (3)")
     args = p.parse_args(argv)
     args.server_env = dict(args.server_env)
     if args.engine:
@@ -425,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     plan = replace(plan, **{k: v for k, v in (
         ("duration", args.duration), ("warmup", args.warmup),
-        ("overload_duration", args.overload_duration)) if v is not None})
+        ("overload_duration", args.overload_duration), ("raw_min_time", args.raw_min_time),
+        ("raw_repeats", args.raw_repeats)) if v is not None})
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -436,12 +514,20 @@ def main(argv: list[str] | None = None) -> int:
               f"the cores, and every number below will be lower and noisier", flush=True)
     threads = server_threads(args.server_env)
     torch.set_num_threads(threads)
-    print(f"raw model, in this process ({threads} torch threads), no server running", flush=True)
-    import bench_raw  # torch and clip_core
+    print(f"raw model, in this process ({threads} threads), no server running", flush=True)
+    if args.engine in ("onnxruntime", "openvino"):
+        from clip_core.hub import default_cache_dir
 
-    raw = bench_raw.measure(args.model, args.dtype, BATCH_SIZES, plan.raw_min_time,
-                            plan.raw_repeats, latency_calls=max(10, plan.idle_requests),
-                            bf16=args.bf16, device=args.device)
+        cache = Path(args.export_cache or args.server_env.get("CLIP_CACHE_DIR")
+                     or default_cache_dir())
+        args.server_env["CLIP_CACHE_DIR"] = str(cache)  # the server finds the export built
+        raw = engine_raw(args, threads, plan, cache)
+    else:
+        import bench_raw  # torch and clip_core
+
+        raw = bench_raw.measure(args.model, args.dtype, BATCH_SIZES, plan.raw_min_time,
+                                plan.raw_repeats, latency_calls=max(10, plan.idle_requests),
+                                bf16=args.bf16, device=args.device)
     try:
         service = run_service(args, plan, args.out)
     except ServerDidNotStart as e:

@@ -8,6 +8,13 @@ all 77 positions; ours trims the batch to its longest text.
     python loadtests/bench_model.py --model ViT-B-32 --batch-sizes 1,8,32 --dtypes fp32,bf16
     python loadtests/bench_model.py --model ViT-B-32/laion2b_s34b_b79k   # a registry name
 
+With --engine, the exported engines (clip_core.export) beside torch fp32 instead of
+open_clip; --torch-padded and --text-call-tokens time what packing and length groups are
+worth to texts (docs/benchmarks.md, issue 23):
+
+    python loadtests/bench_model.py --engine torch,onnxruntime,openvino --inputs text \
+        --batch-sizes 1,16,64 --dtypes fp32 --torch-padded --text-call-tokens inf
+
 Weights are always random: timings do not depend on their values.
 """
 
@@ -94,6 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--int8", action="store_true", help="with --engine: the int8 exports too")
     ap.add_argument("--export-cache", default=None,
                     help="with --engine: where exports are cached (default: a temp dir)")
+    ap.add_argument("--text-call-tokens", default=None,
+                    help="with --engine: comma list of clip_core.export.length_groups prices "
+                         "of one more text call, each timed as its own fp32 text variant "
+                         "('inf': every batch whole at its longest text, as before issue 23)")
+    ap.add_argument("--torch-padded", action="store_true",
+                    help="with --engine: torch fp32 texts also without packing (each batch "
+                         "padded to its longest text, as one exported graph call runs it)")
     args = ap.parse_args(argv)
     if args.engine:
         return engines_main(args)
@@ -188,7 +202,15 @@ def engines_main(args) -> dict:
     import numpy as np
 
     from clip_core.config import PreprocessConfig
-    from clip_core.export import ExportTarget, ModelCard, build, open_export, state_dict_sha256
+    from clip_core.export import (
+        TEXT_CALL_TOKENS,
+        ExportTarget,
+        ModelCard,
+        build,
+        open_export,
+        state_dict_sha256,
+        texts_by_length,
+    )
 
     cfg = load_architecture(args.model)
     torch.manual_seed(0)
@@ -213,18 +235,27 @@ def engines_main(args) -> dict:
             with torch.inference_mode():
                 t = torch.from_numpy(ids)
                 return m.encode_text(t, lengths=(t.argmax(-1) + 1).tolist())
-        return image, text
 
-    variants: list[tuple[str, str, object, object, float]] = []  # engine, dtype, image, text, MiB
-    base_image, base_text = torch_towers(model)
+        def padded_text(ids):  # every length given as the longest: encode_text never packs
+            with torch.inference_mode():
+                return m.encode_text(torch.from_numpy(ids), lengths=[ids.shape[1]] * len(ids))
+        return image, text, padded_text
+
+    # engine, dtype, image (None: texts only), text, MiB
+    variants: list[tuple[str, str, object, object, float]] = []
+    base_image, base_text, padded_text = torch_towers(model)
     if "torch" in wanted:
         variants.append(("torch", "fp32", base_image, base_text, 0.0))
+        if args.torch_padded:
+            variants.append(("torch", "fp32-padded", None, padded_text, 0.0))
         if "bf16" in dtypes:
             before = _rss_mib()
             m16 = CLIP(cfg).eval()
             m16.load_state_dict(model.state_dict())
-            variants.append(("torch", "bf16", *torch_towers(m16.to(torch.bfloat16)),
+            variants.append(("torch", "bf16", *torch_towers(m16.to(torch.bfloat16))[:2],
                              _rss_mib() - before))
+    call_prices = [float(c) for c in args.text_call_tokens.split(",")] if (
+        args.text_call_tokens) else []
     for engine in ("onnxruntime", "openvino"):
         if engine not in wanted:
             continue
@@ -240,6 +271,12 @@ def engines_main(args) -> dict:
                 towers.image(np.zeros((1, 3, size, size), np.uint8))  # allocate, plan
                 name = "int8" if precision == "int8" else "bf16" if bf16 else "fp32"
                 variants.append((engine, name, towers.image, towers.text, _rss_mib() - before))
+                if name != "fp32":
+                    continue
+                for price in call_prices:
+                    if price != TEXT_CALL_TOKENS:
+                        text = texts_by_length(towers.text_graph, price)
+                        variants.append((engine, f"fp32 call={price:g}", None, text, 0.0))
     rows = []
     rng = np.random.default_rng(0)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
@@ -252,6 +289,8 @@ def engines_main(args) -> dict:
             ref = base_image if kind == "image" else base_text
             for engine, dname, image, text, mib in variants:
                 fn = image if kind == "image" else text
+                if fn is None:
+                    continue
                 a, b = compare(lambda fn=fn, x=x: fn(x), lambda ref=ref, x=x: ref(x), bs,
                                args.min_time, args.repeats)
                 rows.append({"engine": engine, "dtype": dname, "batch": bs, "kind": kind,
@@ -269,8 +308,9 @@ def engines_main(args) -> dict:
         print(f"| {r['engine']} | {r['dtype']} | {r['kind']} | {r['batch']} | "
               f"{r['items_per_s']:.1f} | {r['torch_fp32']:.1f} | {r['ratio']:.2f} |")
     print("\n| engine | dtype | resident memory added (MiB) |\n|---|---|---:|")
-    for engine, dname, *_, mib in variants:
-        print(f"| {engine} | {dname} | {mib:.0f} |")
+    for engine, dname, image, _, mib in variants:
+        if image is not None:
+            print(f"| {engine} | {dname} | {mib:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -2,9 +2,10 @@
 as clip_core.export graphs, opened by the engine; only the session differs between them.
 
 Payloads are the torch engine's: uint8 (3, S, S) pixels, and unpadded token id rows. The
-image graph normalises the pixels itself. A text batch is padded to its longest text only
-(the graph's length is dynamic), so a text costs its real tokens as on the torch engine's
-trimmed path; what is not done here is packing a batch of very unequal lengths.
+image graph normalises the pixels itself. A text batch is padded to its longest text here;
+the opened text graph (clip_core.export.texts_by_length) then runs it in groups of similar
+length, each trimmed to its own longest, so a text costs close to its real tokens, as on
+the torch engine's packed path.
 """
 
 from __future__ import annotations

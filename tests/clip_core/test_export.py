@@ -29,6 +29,7 @@ from clip_core.export import (
     calibration_images,
     evaluate_export,
     export_key,
+    length_groups,
     load_cached,
     open_export,
     state_dict_sha256,
@@ -93,6 +94,22 @@ def test_fp32_exports_match_pytorch_within_1e_5(arch, engine, request, exports_c
     short = [i for i, n in enumerate(_LENGTHS) if n <= 9]
     got_short = _unit(towers.text(ids[short, :9].numpy()))
     assert np.abs(got_short - ref_txt[short]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_mixed_length_texts_run_in_groups_and_match_pytorch_in_order(engine, vit_b32,
+                                                                     exports_cache):
+    """A batch of very unequal lengths, shuffled, runs as several length groups (one of a
+    single text) and every row still matches PyTorch's packed path, in order; the image
+    graph, which pools inside its last block, runs at batch 1 as at the traced 2."""
+    lengths = [4, 14, 9, 77, 5, 12, 4, 30, 7, 2, 60, 10, 6]
+    assert len(length_groups(lengths)) > 1
+    towers = open_export(_exported(vit_b32, exports_cache, ExportTarget(engine)), threads=2)
+    ids = random_tokens(len(lengths), lengths, seed=6)
+    pixels = torch.from_numpy(calibration_images(1, 224, seed=8))
+    ref_img, ref_txt = _reference(vit_b32, pixels, ids)
+    assert np.abs(_unit(towers.text(ids.numpy())) - ref_txt).max() <= 1e-5
+    assert np.abs(_unit(towers.image(pixels.numpy())) - ref_img).max() <= 1e-5
 
 
 def test_onnxruntime_int8_stays_close_to_fp32(vit_b32, exports_cache, capsys):
@@ -208,6 +225,19 @@ def test_a_corrupt_export_is_rebuilt_and_serves_correctly(tiny, caplog):
     _, ref = _reference(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ids)
     got = _unit(open_export(rebuilt, 1).text(ids[:, :9].numpy()))
     assert np.abs(got - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_towers_pooled_in_their_last_block_keep_the_batch_dynamic(pristine, batch):
+    """Both graphs run their last block for the pooled token alone (one_query), traced at
+    batch 2; a batch size frozen into them (as len(q) would) fails or differs here."""
+    model, cache = pristine
+    towers = open_export(_exported(model, cache, ExportTarget("onnxruntime")), 1)
+    pixels = torch.from_numpy(calibration_images(batch, 32, seed=batch))
+    ids = random_tokens(batch, [6] * batch, seed=batch)  # one length: one call of `batch`
+    ref_img, ref_txt = _reference(model, pixels, ids)
+    assert np.abs(_unit(towers.image(pixels.numpy())) - ref_img).max() <= 1e-5
+    assert np.abs(_unit(towers.text(ids.numpy())) - ref_txt).max() <= 1e-5
 
 
 def test_an_export_for_other_weights_is_never_served(tiny):

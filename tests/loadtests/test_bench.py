@@ -76,6 +76,20 @@ def test_without_open_clip_the_text_target_is_not_judged():
     assert _verdicts(raw, svc)["text_throughput"] == "n/a"
 
 
+@pytest.mark.parametrize(("text", "result"), [(600.0, "PASS"), (530.0, "FAIL")])
+def test_against_an_exported_engine_texts_are_held_to_its_raw_best_batch(text, result):
+    """With --engine onnxruntime the raw numbers are the engine's, and the service's texts
+    must reach 0.9 x its best batch (600 texts/s here: 540)."""
+    raw, svc = _results(text=text)
+    raw.update(engine="onnxruntime", text_best={"batch": 16, "items_per_s": 600.0},
+               open_clip={"unavailable": "not timed"})
+    rows = {r["key"]: r for r in bench.targets(raw, svc)}
+    assert list(rows) == [*bench.TARGET_KEYS[:2], "text_vs_engine", *bench.TARGET_KEYS[2:]]
+    assert rows["text_vs_engine"]["result"] == result
+    assert "onnxruntime raw best-batch" in rows["text_vs_engine"]["target"]
+    assert rows["text_throughput"]["result"] == "n/a"
+
+
 def test_idle_memory_is_reported_beside_the_judged_figure():
     raw, svc = _results(rss_end=1400.0)
     svc["rss_idle_mb"] = 1200.0
