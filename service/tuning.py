@@ -118,7 +118,8 @@ def decode_workers(setting: int | str, *, accelerator: bool, model_threads: int 
 
     Beside an accelerator the model needs the event loop's core and one for its serving
     threads, which mostly wait on the device: every other core decodes (all but one on
-    up to 3 cores). On CPU the model needs its torch threads: the decoders get the cores
+    up to 3 cores); with several server processes those two are kept once and the rest
+    shared out, so that processes x decoders is about the machine's cores. On CPU the model needs its torch threads: the decoders get the cores
     `model_threads` leaves, or, where the model may use every core, a quarter of them
     (at least 2). They run niced (`lower_priority`), so they take only what the model
     leaves of a core either way, and a CPU model costs several times what decoding an
@@ -126,6 +127,11 @@ def decode_workers(setting: int | str, *, accelerator: bool, model_threads: int 
     """
     if setting != "auto":
         return int(setting)
+    if accelerator and cores is None and _processes > 1:
+        # Several processes feeding one device keep its two cores once for the machine,
+        # not once each: their serving threads mostly wait, and the decoders run niced,
+        # so every event loop still gets its turn (docs/benchmarks.md, run 6).
+        return max(1, round((machine_cores() - 2) / _processes))
     n = cores or usable_cores()
     if accelerator:
         return max(1, n - (2 if n >= 4 else 1))

@@ -69,8 +69,13 @@ def test_a_process_sizes_its_threads_on_its_share_of_the_cores(sixteen_cores):
     assert tuning.decode_workers("auto", accelerator=True, model_threads=None) == 14
     tuning.share_cores(4)
     assert tuning.usable_cores() == 4
-    # Beside a GPU: the share less the loop's and the serving thread's cores.
+    # Beside a GPU the two cores for a loop and the serving threads are kept once for
+    # the machine, the other 14 shared out: 4 decoders each, 2 each for 8 processes.
+    assert tuning.decode_workers("auto", accelerator=True, model_threads=None) == 4
+    assert tuning.decode_workers("auto", accelerator=True, model_threads=None, cores=4) == 2
+    tuning.share_cores(8)
     assert tuning.decode_workers("auto", accelerator=True, model_threads=None) == 2
+    tuning.share_cores(4)
     assert tuning.decode_workers("auto", accelerator=False, model_threads=None) == 2
     assert tuning.decode_workers(6, accelerator=True, model_threads=None) == 6  # as given
     tuning.share_cores(32)
