@@ -560,6 +560,10 @@ def open_onnxruntime(export: Export, threads: int) -> Towers:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads sleep rather than spin: beside them the server decodes
+        # images and runs its event loop on the same cores, and a spinning pool takes
+        # those cores between batches (docs/benchmarks.md, issue 23).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda x: sess.run(None, {"input": x})[0]
 
