@@ -53,6 +53,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from multiprocessing.context import SpawnProcess
 from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
@@ -148,7 +149,7 @@ class _Supervisor:
         self.metrics_dir = metrics_dir
         ctx = mp.get_context("spawn")
         n = settings.processes
-        self.procs = [ctx.Process(target=_run_child, args=(entry, settings, Child(i, n, port)),
+        self.procs: list[SpawnProcess] = [ctx.Process(target=_run_child, args=(entry, settings, Child(i, n, port)),
                                   name=f"clip-serve-{i}") for i in range(n)]
         self.port = port
         self.stopping = False
@@ -162,7 +163,7 @@ class _Supervisor:
             for p in self.procs:
                 p.start()
                 if self.stopping:  # a signal came while the others started
-                    os.kill(p.pid, signal.SIGTERM)
+                    os.kill(_pid(p), signal.SIGTERM)
             log.info("%d server processes on %s:%d: pids %s", len(self.procs),
                      self.settings.host, self.port, [p.pid for p in self.procs])
             self._watch()
@@ -186,9 +187,9 @@ class _Supervisor:
             self.deadline = time.monotonic() + self.settings.drain_timeout_s + EXIT_GRACE_S
         for p in self._live():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, sig)
+                os.kill(_pid(p), sig)
 
-    def _live(self) -> list[mp.Process]:
+    def _live(self) -> list[SpawnProcess]:
         return [p for p in self.procs if p.pid is not None and p.exitcode is None]
 
     def _watch(self) -> None:
@@ -200,9 +201,9 @@ class _Supervisor:
             for p in live:
                 if p.exitcode is None:
                     continue
-                ended.add(p.pid)
+                ended.add(_pid(p))
                 p.join()
-                self._mark_dead(p.pid)
+                self._mark_dead(_pid(p))
                 if not self.stopping:
                     log.error("server process %d (pid %d) ended on its own with exit code "
                               "%s; stopping the others", self.procs.index(p), p.pid,
@@ -220,6 +221,12 @@ class _Supervisor:
 
     def _mark_dead(self, pid: int) -> None:
         mark_process_dead(pid, self.metrics_dir)  # its live* gauges leave the merge
+
+
+def _pid(p: SpawnProcess) -> int:
+    pid = p.pid
+    assert pid is not None  # called only on started processes
+    return pid
 
 
 def _describe(code: int | None) -> str:
