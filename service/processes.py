@@ -12,9 +12,10 @@ loop, run by `service.__main__`'s DrainingServer.
   measured against it (docs/benchmarks.md, "Several processes"): every child's event
   loop wakes for each connection and the first to call accept() takes it, so the few
   long-lived connections of a load balancer or a client pool gathered on whichever
-  child woke first, where the kernel's hash spreads them. The supervisor binds the port too, without listening (it receives
-  no connections), to hold it and to fail at once, as one process would, when it is
-  taken; with port 0 that fixes the port the children share.
+  child woke first, where the kernel's hash spreads them. The supervisor binds the port
+  too, without listening (it receives no connections), to hold it and to fail at once,
+  as one process would, when it is taken; with port 0 that fixes the port the children
+  share.
 - **Cores.** Each child sizes its default thread counts on its share of the cores
   (`service.tuning.share_cores`).
 - **Rate limits** are per process state, so a key's rate and burst are divided between
@@ -59,7 +60,7 @@ from types import FrameType
 from prometheus_client.multiprocess import mark_process_dead
 
 from .settings import Settings
-from .tuning import machine_cores, share_cores
+from .tuning import machine_cores, share_cores, usable_cores
 
 log = logging.getLogger("service.processes")
 
@@ -114,7 +115,7 @@ def enter_child(child: Child) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
     share_cores(child.processes)
     log.info("process %d of %d (pid %d) on %d of %d cores", child.index, child.processes,
-             os.getpid(), max(1, machine_cores() // child.processes), machine_cores())
+             os.getpid(), usable_cores(), machine_cores())
 
 
 def supervise(settings: Settings, entry: str) -> int:
@@ -149,8 +150,10 @@ class _Supervisor:
         self.metrics_dir = metrics_dir
         ctx = mp.get_context("spawn")
         n = settings.processes
-        self.procs: list[SpawnProcess] = [ctx.Process(target=_run_child, args=(entry, settings, Child(i, n, port)),
-                                  name=f"clip-serve-{i}") for i in range(n)]
+        self.procs: list[SpawnProcess] = [
+            ctx.Process(target=_run_child, args=(entry, settings, Child(i, n, port)),
+                        name=f"clip-serve-{i}")
+            for i in range(n)]
         self.port = port
         self.stopping = False
         self.failed = False
