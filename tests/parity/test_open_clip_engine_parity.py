@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sentencepiece_support import save_siglip_tokenizer
 
 from clip_core.preprocess import ImageTransform
 from service.engines import loader
@@ -25,8 +26,8 @@ from service.settings import Settings
 
 open_clip = pytest.importorskip("open_clip")
 transform = pytest.importorskip("open_clip.transform")
-sentencepiece = pytest.importorskip("sentencepiece")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("sentencepiece")  # sentencepiece_support trains with it
+pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 TEXTS = ["a dog", "A Photo of the CAT, sitting!", "kato rimo senpa lude " * 20, ""]
@@ -54,13 +55,7 @@ def siglip_tokenizer_folder(tmp_path_factory):
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
              for _ in range(500)]
     lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(3000)]
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(root / "t5"), vocab_size=600,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        hard_vocab_limit=False, minloglevel=2)
-    folder = root / "ViT-B-16-SigLIP"
-    transformers.SiglipTokenizer(vocab_file=str(root / "t5.model")).save_pretrained(folder)
-    return folder
+    return save_siglip_tokenizer(lines, 600, root, root / "ViT-B-16-SigLIP")
 
 
 def _engine_model(spec: str):

@@ -22,6 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from sentencepiece_support import save_siglip_tokenizer
 
 from clip_core.errors import ModelNotFound
 from clip_core.preprocess import ImageTransform
@@ -36,8 +37,8 @@ from service.errors import EngineUnavailable
 from service.settings import Settings
 
 open_clip = pytest.importorskip("open_clip")
-sentencepiece = pytest.importorskip("sentencepiece")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("sentencepiece")  # sentencepiece_support trains with it
+pytest.importorskip("transformers")
 
 TINY = "Tiny-Test-SigLIP"
 TINY_CFG = {
@@ -65,12 +66,7 @@ def tiny_folder(tmp_path_factory):
     words = ["".join(rng.choice("abcdefghik") for _ in range(rng.randint(2, 6)))
              for _ in range(300)]
     lines = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(2000)]
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(root / "t5"), vocab_size=300,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        hard_vocab_limit=False, minloglevel=2)
-    folder = root / "model"
-    transformers.SiglipTokenizer(vocab_file=str(root / "t5.model")).save_pretrained(folder)
+    folder = save_siglip_tokenizer(lines, 300, root, root / "model")
     torch.manual_seed(0)
     model = open_clip.create_model(TINY)
     with torch.no_grad():
