@@ -269,6 +269,17 @@ def requests_by_process(url: str) -> dict[str, float]:
         r'^clip_process_requests\{pid="(\d+)"\} (\S+)$', text, re.M)}
 
 
+def main_thread_system_s(pids: Collection[int]) -> float:
+    """System (kernel) CPU seconds of the processes' main threads, the event loops: the
+    socket reads and writes the loop makes, apart from its Python work."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def server_threads(pids: Collection[int]) -> dict[int, tuple[str, float]]:
     """`thread_cpu` of every process in `pids`, together (thread ids are system-wide)."""
     out: dict[int, tuple[str, float]] = {}
@@ -322,11 +333,13 @@ class Window(threading.Thread):
         self.server_pids = sorted({server_pid, *loop_pids})
         self.loop_pids, self.client_pids = set(loop_pids), client_pids
         self.start_at, self.end_at = start, end
-        self.readings: list[tuple[float, dict, float]] = []
+        self.readings: list[tuple[float, dict, float, float]] = []
 
     def _read(self) -> None:
         clients = sum(cpu_s(p) for p in self.client_pids)
-        self.readings.append((time.time(), server_threads(self.server_pids), clients))
+        loops = self.loop_pids or {self.server_pids[0]}
+        self.readings.append((time.time(), server_threads(self.server_pids), clients,
+                              main_thread_system_s(loops)))
 
     def run(self) -> None:
         time.sleep(max(0.0, self.start_at - time.time()))
@@ -335,10 +348,10 @@ class Window(threading.Thread):
         self._read()
 
     def cpu(self) -> dict:
-        (t0, s0, c0), (t1, s1, c1) = self.readings
+        (t0, s0, c0, k0), (t1, s1, c1, k1) = self.readings
         groups, families = cpu_delta(s0, s1, self.loop_pids)
         return {"window_s": t1 - t0, "server_s": groups, "server_threads_s": families,
-                "clients_s": c1 - c0}
+                "clients_s": c1 - c0, "loop_system_s": k1 - k0}
 
 
 # ---- one phase, the run, the report ----
@@ -365,7 +378,8 @@ def run_phase(clients: Clients, server: ServerProcess, loop_pids: list[int], pha
         "items_per_s": summary["items_per_s"],
         "p50_ms": 1e3 * lat.get("p50", math.nan), "p99_ms": 1e3 * lat.get("p99", math.nan),
         "us_per_item": {
-            "loop": server["loop"] * per, "pools": server["pools"] * per,
+            "loop": server["loop"] * per, "loop_kernel": cpu["loop_system_s"] * per,
+            "pools": server["pools"] * per,
             "serving": server["serving"] * per, "other": server["other"] * per,
             "server": sum(server.values()) * per, "client": cpu["clients_s"] * per},
         "cores": {"loop": server["loop"] / cpu["window_s"],
@@ -407,14 +421,15 @@ def _f(x: float, digits: int = 0) -> str:
 
 def format_tables(report: dict) -> str:
     rows = report["phases"]
-    lines = ["| phase | items/s | p50 ms | p99 ms | loop µs/item | pools µs/item | "
-             "serving µs/item | other µs/item | server µs/item | server cores | "
-             "client µs/item | client cores |",
-             "|---|" + "---:|" * 11]
+    lines = ["| phase | items/s | p50 ms | p99 ms | loop µs/item | of which kernel | "
+             "pools µs/item | serving µs/item | other µs/item | server µs/item | "
+             "server cores | client µs/item | client cores |",
+             "|---|" + "---:|" * 12]
     for r in rows.values():
         u, c = r["us_per_item"], r["cores"]
         lines.append(f"| {r['phase']} | {_f(r['items_per_s'])} | {_f(r['p50_ms'])} | "
-                     f"{_f(r['p99_ms'])} | {_f(u['loop'])} | {_f(u['pools'])} | "
+                     f"{_f(r['p99_ms'])} | {_f(u['loop'])} | {_f(u.get('loop_kernel'))} | "
+                     f"{_f(u['pools'])} | "
                      f"{_f(u['serving'])} | {_f(u['other'])} | {_f(u['server'])} | "
                      f"{_f(c['server'], 2)} | {_f(u['client'])} | {_f(c['client'], 2)} |")
     lines += ["", f"Projection to a {GPU_HOST_CORES}-core GPU host (serving layer only, cores "

@@ -129,7 +129,9 @@ def test_a_quick_run_reports_every_phase(tmp_path):
         assert ph["problems"] == [], name
         assert ph["summary"]["error"] == 0 and ph["items_per_s"] > 0, name
         us = ph["us_per_item"]
-        assert set(us) == {"loop", "pools", "serving", "other", "server", "client"}
+        assert set(us) == {"loop", "loop_kernel", "pools", "serving", "other", "server",
+                           "client"}
+        assert 0 <= us["loop_kernel"] <= us["loop"], name  # a part of the loop's CPU
         assert us["loop"] > 0 and math.isclose(
             us["server"], us["loop"] + us["pools"] + us["serving"] + us["other"])
         assert ph["concurrency"]["clients"] == 2
