@@ -8,11 +8,14 @@ lookup of fixed random (E,) rows, E = 512 as ViT-B/32's, so answers are sized as
 production and cost no compute. Texts differ between requests (the text cache would
 otherwise answer them without the worker).
 
-Cases (per request): 64 JPEGs as JSON base64 to /classify (3 labels) and (each ~100 kB, like a 640x480 photo, but
-64x64 pixels plus a comment segment, so that the pool's decoding stays cheap while the
-body is as large as a real one), 64 texts, 1 text; /embed with float and base64 output.
+Cases (per request): 64 JPEGs (each ~100 kB, like a 640x480 photo, but 64x64 pixels plus
+a comment segment, so that the pool's decoding stays cheap while the body is as large as
+a real one) as multipart file parts to /embed (base64 out; the body in one ASGI message,
+as an in-process client sends it, or in 256 KiB messages, as uvicorn hands on a socket's),
+as JSON base64 to /classify (3 labels) and to /embed; 64 texts, 1 text; /embed with float
+and base64 output.
 
-    python loadtests/loop_costs.py [--requests 30] [--json]
+    python loadtests/loop_costs.py [--requests 30] [--only multipart] [--json]
 
 It uses only `create_app` and `Settings`, so the same file measures an older commit:
 copy it into a worktree of that commit and run it there.
@@ -28,6 +31,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,24 +73,27 @@ class AsgiCaller:
     def __init__(self, app):
         self.app = app
 
-    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes | list[bytes],
+                   content_type: str) -> tuple[int, bytes]:
+        """One request; its body in one ASGI message, or a list: one message each, as a
+        server reading a socket hands it on (cut beforehand: the cutting is no loop cost)."""
+        size = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
             "raw_path": path.encode(), "query_string": b"", "root_path": "",
             "headers": [(b"host", b"127.0.0.1"), (b"content-type", content_type.encode()),
-                        (b"content-length", str(len(body)).encode())],
+                        (b"content-length", str(size).encode())],
             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
             "state": dict(self.state),
         }
-        sent = False
+        pieces = list(reversed(body)) if isinstance(body, list) else [body]
         done = asyncio.Event()
 
         async def receive():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            if pieces:
+                piece = pieces.pop()
+                return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
             await done.wait()
             return {"type": "http.disconnect"}
 
@@ -132,22 +140,64 @@ class AsgiCaller:
         await self._task
 
 
-def _cases(images_b64: list[str]):
+BOUNDARY = "loopcosts7d1f0a9e"
+FORM_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+UVICORN_CHUNK = 256 * 1024  # about what uvicorn hands the app per receive() on a fast socket
+
+
+def _multipart(images: list[bytes], fields: dict[str, str]) -> bytes:
+    """Each image a JPEG file part in `images`, then the text fields, as a browser sends."""
+    out = []
+    for i, data in enumerate(images):
+        out.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; '
+                   f'filename="{i}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode())
+        out += [data, b"\r\n"]
+    for name, value in fields.items():
+        out.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                   f'{value}\r\n'.encode())
+    out.append(f"--{BOUNDARY}--\r\n".encode())
+    return b"".join(out)
+
+
+def _cut(body: bytes, size: int) -> list[bytes]:
+    return [body[i:i + size] for i in range(0, len(body), size)] or [b""]
+
+
+@dataclass
+class Case:
+    name: str
+    items: int
+    path: str
+    body: Callable[[int], bytes]  # request number -> body
+    content_type: str = "application/json"
+    chunk: int | None = None  # None: the body in one ASGI message
+
+
+def _cases(jpegs: list[bytes]):
+    images_b64 = [base64.b64encode(j).decode() for j in jpegs]
+
     def texts(n: int, r: int) -> list[str]:
         return [f"a photo of thing {r} number {i}" for i in range(n)]
 
-    yield ("64 images JSON base64, /classify", IMAGES, "/classify",
-           lambda r: {"images": images_b64, "labels": ["red", "green", "blue"]})
+    def as_json(make):
+        return lambda r: json.dumps(make(r)).encode()
+
+    form = _multipart(jpegs, {"encoding": "base64"})
+    for chunk, how in ((None, "one message"), (UVICORN_CHUNK, "256 KiB chunks")):
+        yield Case(f"64 images multipart, base64 out, {how}", IMAGES, "/embed",
+                   lambda r: form, FORM_TYPE, chunk)
+    yield Case("64 images JSON base64, /classify", IMAGES, "/classify",
+               as_json(lambda r: {"images": images_b64, "labels": ["red", "green", "blue"]}))
     for enc in ("float", "base64"):
-        yield (f"64 images JSON base64, {enc} out", IMAGES, "/embed",
-               lambda r, enc=enc: {"images": images_b64, "encoding": enc})
-        yield (f"64 texts, {enc} out", 64, "/embed",
-               lambda r, enc=enc: {"texts": texts(64, r), "encoding": enc})
-        yield (f"1 text, {enc} out", 1, "/embed",
-               lambda r, enc=enc: {"texts": texts(1, r), "encoding": enc})
+        yield Case(f"64 images JSON base64, {enc} out", IMAGES, "/embed",
+                   as_json(lambda r, enc=enc: {"images": images_b64, "encoding": enc}))
+        yield Case(f"64 texts, {enc} out", 64, "/embed",
+                   as_json(lambda r, enc=enc: {"texts": texts(64, r), "encoding": enc}))
+        yield Case(f"1 text, {enc} out", 1, "/embed",
+                   as_json(lambda r, enc=enc: {"texts": texts(1, r), "encoding": enc}))
 
 
-async def measure(requests: int) -> list[dict]:
+async def measure(requests: int, only: str = "") -> list[dict]:
     from service.app import create_app
     from service.backend import ClipBackend
     from service.settings import Settings
@@ -157,24 +207,26 @@ async def measure(requests: int) -> list[dict]:
                               cache_size=0, max_items_per_request=256))
     caller = AsgiCaller(app)
     await caller.startup()
-    images_b64 = [base64.b64encode(_jpeg(i)).decode() for i in range(IMAGES)]
     rows = []
     try:
-        for name, items, path, make in _cases(images_b64):
-            bodies = [json.dumps(make(r)).encode() for r in range(requests + 3)]
+        for case in _cases([_jpeg(i) for i in range(IMAGES)]):
+            if only not in case.name:
+                continue
+            bodies = [case.body(r) for r in range(requests + 3)]
             per_request = []
             for r, body in enumerate(bodies):
+                sent = _cut(body, case.chunk) if case.chunk else body
                 t0 = time.thread_time()
-                status, answer = await caller.post(path, body, "application/json")
+                status, answer = await caller.post(case.path, sent, case.content_type)
                 spent = time.thread_time() - t0
                 if status != 200:
-                    raise RuntimeError(f"{name}: {status} {answer[:300]!r}")
+                    raise RuntimeError(f"{case.name}: {status} {answer[:300]!r}")
                 if r >= 3:  # the first requests warm caches and code paths
                     per_request.append(spent)
             med = statistics.median(per_request)
-            rows.append({"case": name, "items": items, "body_bytes": len(bodies[0]),
-                         "loop_ms_per_request": med * 1e3,
-                         "loop_us_per_item": med * 1e6 / items})
+            rows.append({"case": case.name, "items": case.items,
+                         "body_bytes": len(bodies[0]), "loop_ms_per_request": med * 1e3,
+                         "loop_us_per_item": med * 1e6 / case.items})
     finally:
         await caller.shutdown()
     return rows
@@ -183,6 +235,7 @@ async def measure(requests: int) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=30, help="measured requests per case")
+    p.add_argument("--only", default="", help="measure only the cases whose name holds this")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args()
     try:
@@ -190,13 +243,13 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    rows = asyncio.run(measure(args.requests))
+    rows = asyncio.run(measure(args.requests, args.only))
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'case':<38} {'body kB':>8} {'loop ms/req':>12} {'loop us/item':>13}")
+    print(f"{'case':<50} {'body kB':>8} {'loop ms/req':>12} {'loop us/item':>13}")
     for r in rows:
-        print(f"{r['case']:<38} {r['body_bytes'] / 1e3:>8.0f} "
+        print(f"{r['case']:<50} {r['body_bytes'] / 1e3:>8.0f} "
               f"{r['loop_ms_per_request']:>12.2f} {r['loop_us_per_item']:>13.1f}")
 
 

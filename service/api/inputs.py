@@ -2,6 +2,8 @@
 
 FastAPI parses and validates JSON bodies as usual. A body in any other content type
 reaches the route as raw bytes (`JsonOrRaw`), and `read_body` reads it as a form: the
+whole body is split into its parts in a worker thread (`parse_form`, python-multipart's
+parser with every part held in memory, as the body cap already bounds them), and the
 fields are assembled into the JSON-equivalent dict and validated by the same model, so
 both encodings fail with the same messages. Image file parts stay raw bytes; only JSON
 (and text form fields) carry base64, a data URI or (when enabled) an http(s) URL.
@@ -11,21 +13,28 @@ Image sources stay undecoded until the route has checked the request's limits.
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Generic, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Annotated, Generic, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError, WrapValidator
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
 
 from ..core import Engine
 from ..errors import EmptyInput, InvalidRequest, TooManyItems, UnsupportedMediaType
 from ..prepare import Base64Image, ImageSource
 from .schemas import FormSpec
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
 _URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")  # base64 never holds ':'
@@ -123,41 +132,149 @@ async def _read_form(request: Request, form: FormSpec) -> tuple[dict, dict[str, 
     data: dict = {}
     sources: dict[str, list[bytes | str]] = {p: [] for p in form.image_paths}
     settings = request.app.state.settings
-    limit = settings.max_form_parts
-    try:
-        # The body cap bounds the whole form; a text part may be as large as it.
-        parts = await request.form(max_files=limit, max_fields=limit,
-                                   max_part_size=settings.max_body_bytes)
-    except StarletteHTTPException as e:  # a malformed multipart body, or too many parts
-        if str(e.detail).startswith("Too many"):
-            raise TooManyItems(f"the form has more than {limit} parts of one kind") from None
-        raise InvalidRequest(f"multipart body: {e.detail}") from None
-    try:
-        for name, part in parts.multi_items():
-            field = form.fields.get(name)
-            if field is None:
-                data[name] = None  # the model refuses it as an extra field
-                continue
-            value: bytes | str
-            if isinstance(part, UploadFile):
-                if not field.image:
-                    raise InvalidRequest(f"form field {name!r} takes text, not a file")
-                value = await part.read()
-            else:
-                value = part
-            if field.image:
-                sources[field.path].append(value)
-                value = value if isinstance(value, str) else ""  # the model checks the count
-            *parents, key = field.path.split(".")
-            target = data
-            for p in parents:
-                target = target.setdefault(p, {})
-            if field.many:
-                target.setdefault(key, []).append(value)
-            elif key in target:
-                raise InvalidRequest(f"form field {name!r} is given more than once")
-            else:
-                target[key] = value
-    finally:
-        await parts.close()
+    body = await request.body()
+    content_type = request.headers.get("content-type", "")
+    # Off the loop whatever the size: python-multipart reads each part's headers a byte
+    # at a time in Python, so even a two-field form costs more there than the hop.
+    parts = await asyncio.get_running_loop().run_in_executor(None, partial(
+        parse_form, body, content_type, max_parts=settings.max_form_parts,
+        max_part_size=settings.max_body_bytes))
+    for part in parts:
+        name = part.name
+        field = form.fields.get(name)
+        if field is None:
+            data[name] = None  # the model refuses it as an extra field
+            continue
+        value = part.value
+        if part.filename is not None and not field.image:
+            raise InvalidRequest(f"form field {name!r} takes text, not a file")
+        if field.image:
+            sources[field.path].append(value)
+            value = value if isinstance(value, str) else ""  # the model checks the count
+        *parents, key = field.path.split(".")
+        target = data
+        for p in parents:
+            target = target.setdefault(p, {})
+        if field.many:
+            target.setdefault(key, []).append(value)
+        elif key in target:
+            raise InvalidRequest(f"form field {name!r} is given more than once")
+        else:
+            target[key] = value
     return data, sources
+
+
+@dataclass(frozen=True, slots=True)
+class FormPart:
+    name: str
+    filename: str | None  # a part with a filename is a file, whatever its content type
+    value: bytes | str  # a file's bytes; a text field's text
+
+
+def parse_form(body: bytes, content_type: str, *, max_parts: int,
+               max_part_size: int) -> list[FormPart]:
+    """A whole multipart/form-data body as its parts, in order, with no temporary files.
+
+    Read as Starlette reads a form: the boundary and charset (default UTF-8; bytes that
+    do not decode are read as latin-1) come from the request's Content-Type, a part's
+    name and filename from its Content-Disposition. At most `max_parts` files and
+    `max_parts` text fields (TooManyItems); a text field of at most `max_part_size`
+    bytes; anything malformed is InvalidRequest("multipart body: ...").
+    """
+    _, params = parse_options_header(content_type)
+    charset = params.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        charset = codecs.lookup(charset).name
+    except LookupError:
+        charset = "latin-1"
+    boundary = params.get(b"boundary")
+    if boundary is None:
+        raise InvalidRequest("multipart body: Missing boundary in multipart.")
+    collector = _FormCollector(charset, max_parts, max_part_size)
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())
+        parser.write(body)
+        parser.finalize()
+    except FormParserError:
+        raise InvalidRequest("multipart body: Invalid multipart data.") from None
+    return collector.parts
+
+
+def _decode(raw: bytes, charset: str) -> str:
+    try:
+        return raw.decode(charset)
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+class _FormCollector:
+    """python-multipart's callbacks for one body: each finished part as a FormPart."""
+
+    def __init__(self, charset: str, max_parts: int, max_part_size: int) -> None:
+        self.charset = charset
+        self.max_parts = max_parts
+        self.max_part_size = max_part_size
+        self.parts: list[FormPart] = []
+        self.files = self.fields = 0
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._reset_part()
+
+    def _reset_part(self) -> None:
+        self._name = ""
+        self._filename: str | None = None
+        self._chunks: list[bytes] = []  # one, when the part's bytes lie in one write()
+        self._size = 0
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {"on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished}
+
+    def on_part_begin(self) -> None:
+        self._disposition = b""
+        self._reset_part()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)  # the last one counts
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name")
+        if name is None:
+            raise InvalidRequest('multipart body: The Content-Disposition header field "name" '
+                                 "must be provided.")
+        self._name = _decode(name, self.charset)
+        filename = options.get(b"filename")
+        if filename is not None:
+            self.files += 1
+            if self.files > self.max_parts:
+                raise TooManyItems(f"the form has more than {self.max_parts} parts of one kind")
+            self._filename = _decode(filename, self.charset)
+        else:
+            self.fields += 1
+            if self.fields > self.max_parts:
+                raise TooManyItems(f"the form has more than {self.max_parts} parts of one kind")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._size += end - start
+        if self._filename is None and self._size > self.max_part_size:
+            raise InvalidRequest("multipart body: Part exceeded maximum size of "
+                                 f"{self.max_part_size // 1024}KB.")
+        self._chunks.append(data[start:end])
+
+    def on_part_end(self) -> None:
+        raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        value = raw if self._filename is not None else _decode(raw, self.charset)
+        self.parts.append(FormPart(self._name, self._filename, value))

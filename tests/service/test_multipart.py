@@ -260,3 +260,29 @@ def test_a_new_model_field_is_a_form_field():
     assert form.fields.keys() - EMBED_FORM.fields.keys() == {"dimensions", "tags"}
     with pytest.raises(TypeError, match="prefix"):
         FormSpec.of(SimilarityRequest)  # query_texts or queries_texts: the spec must say
+
+
+def test_a_non_ascii_text_field_reads_as_in_json(client):
+    texts = ["café ☕", "東京の猫"]
+    as_json = _ok(client.post("/embed", json={"texts": texts}))
+    as_form = _ok(_post_form(client, "/embed", [], {"texts": texts}))
+    _same(as_form, as_json)
+
+
+def test_a_file_part_without_a_content_type_is_an_image(client):
+    body = (b'--b0\r\nContent-Disposition: form-data; name="images"; filename="r"\r\n\r\n'
+            + RED + b"\r\n--b0--\r\n")
+    as_form = _ok(client.post("/embed", content=body,
+                              headers={"content-type": "multipart/form-data; boundary=b0"}))
+    _same(as_form, _ok(client.post("/embed", json={"images": [_b64(RED)]})))
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b"not a form", "multipart/form-data; boundary=b0"),
+    (b"--b0\r\n\r\nno name\r\n--b0--\r\n", "multipart/form-data; boundary=b0"),
+    (b"--b0--\r\n", "multipart/form-data"),
+])
+def test_a_malformed_form_is_400(client, body, content_type):
+    r = client.post("/embed", content=body, headers={"content-type": content_type})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith("multipart body: ")
