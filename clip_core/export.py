@@ -1,7 +1,9 @@
 """CLIP's two towers exported for other inference engines (ONNX Runtime, OpenVINO), cached.
 
 Each tower becomes its own graph with a dynamic batch; the text tower's sequence length is
-dynamic too, so a batch trimmed to its longest text costs its real tokens, not 77. The
+dynamic too, and its dense layers run on the batch's real tokens packed together (as
+`CLIP.encode_text` runs them), so a text costs its own tokens, not 77 nor its batch's
+longest. The
 image graph takes the uint8 (B, 3, S, S) pixels the service prepares and normalises them
 itself, in `ImageTransform.normalize`'s order of operations, with the weights' mean and std.
 
@@ -33,7 +35,6 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,12 +44,13 @@ import torch
 from torch import nn
 
 from .config import PreprocessConfig
+from .layers import Packing
 from .model import CLIP
 from .moderation.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump when the graphs change: every older export becomes stale
+FORMAT_VERSION = 4  # bump when the graphs change: every older export becomes stale
 DEFAULT_OPSET = 17
 Engine = Literal["onnxruntime", "openvino"]
 Precision = Literal["fp32", "int8"]
@@ -145,11 +147,42 @@ class ImageTower(nn.Module):
         return self.model.visual(x)  # (B, E)
 
 
+@dataclass(frozen=True)
+class _GraphPacking(Packing):
+    """`Packing` as an exported graph computes it: every size read from a tensor's shape,
+    which the tracer keeps symbolic (Packing's Python ints would be frozen to the example's
+    batch), and a sequence's packed rows found from its start instead of `searchsorted`,
+    which ONNX lacks."""
+
+    mask: torch.Tensor | None = None  # (B, L) bool: real tokens
+    starts: torch.Tensor | None = None  # (B,) each sequence's first row in the packed (T, ...)
+
+    @classmethod
+    def of_lengths(cls, lengths: torch.Tensor, length: int) -> _GraphPacking:
+        mask = torch.arange(length, device=lengths.device) < lengths[:, None]  # (B, L)
+        index = mask.flatten().nonzero().squeeze(1)  # (T,)
+        starts = torch.cumsum(lengths, 0) - lengths  # (B,)
+        return cls(index, 0, 0, mask, starts)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (B, L, D), zeros at padded positions."""
+        assert self.mask is not None
+        b, n = self.mask.shape[0], self.mask.shape[1]
+        out = x.new_zeros(b * n, x.shape[1]).index_copy(0, self.index, x)
+        return out.view(b, n, x.shape[1])
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B,) positions, each inside its sequence -> (B,) rows in the packed (T, ...)."""
+        assert self.starts is not None
+        return self.starts + positions
+
+
 class TextTower(nn.Module):
     """int64 (B, L) token ids, zero padded, L <= context length -> (B, E) fp32 embeddings.
 
-    End-of-text has the largest id, so argmax finds each text's pooling position at any L;
-    attention is causal, so the padding after it never reaches the pooled token.
+    End-of-text has the largest id, so argmax finds each text's length at any L. The dense
+    layers run on the T real tokens packed as (T, D); attention alone goes back to (B, L),
+    where causality keeps the padding after a text's end from reaching its pooled token.
     """
 
     def __init__(self, model: CLIP):
@@ -159,10 +192,12 @@ class TextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
+        n = tokens.shape[1]
         eot = tokens.argmax(dim=-1)  # (B,)
-        x = m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]  # (B, L, D)
+        packing = _GraphPacking.of_lengths(eot + 1, n)
+        x = m.token_embedding(tokens) + m.positional_embedding[:n]  # (B, L, D)
         # The last block runs for the end-of-text query alone, as in CLIP.encode_text.
-        x = m.transformer(x, causal=True, pool=eot)  # (B, D)
+        x = m.transformer(packing.pack(x), causal=True, packing=packing, pool=eot)  # (B, D)
         return m.ln_final(x) @ m.text_projection  # (B, E)
 
 
@@ -464,90 +499,15 @@ def ensure(spec: str, target: ExportTarget, *, cache_dir: Path, offline: bool = 
 
 # ---- running an export ----
 
-# What one more run of the text graph costs, counted in tokens of work (one text position
-# through the tower): the runtime's fixed cost per call plus the thread pool's poorer use
-# of a small batch. Measured for ViT-B/32 on 2 cores (docs/benchmarks.md, issue 23).
-TEXT_CALL_TOKENS = 24
-
-
-def length_groups(lengths: Sequence[int], call_tokens: float = TEXT_CALL_TOKENS
-                  ) -> list[list[int]]:
-    """The texts' indices split into groups, each to run as one batch padded to its own
-    longest text: of the partitions of the texts sorted by length, the one with the least
-    sum over groups of (texts x longest + call_tokens). Longest group first; indices
-    ascending within a group.
-
-    The exported text graph runs every text of a batch at the batch's longest length (it
-    cannot pack real tokens as CLIP.encode_text does), so a batch of 4- to 14-token texts
-    costs 14 a text; in groups of similar length each text costs close to its own.
-    """
-    if not lengths:
-        return []
-    distinct = sorted(set(lengths))  # u_1 < ... < u_D
-    count = [0] * (len(distinct) + 1)  # count[j]: texts with the j shortest lengths
-    at = {n: i for i, n in enumerate(distinct)}
-    for n in lengths:
-        count[at[n] + 1] += 1
-    for j in range(len(distinct)):
-        count[j + 1] += count[j]
-    # best[j]: least cost of the texts of the j shortest lengths; cut[j]: where the last
-    # group of that solution starts. A group spans a run of consecutive distinct lengths
-    # and is padded to its longest, distinct[j - 1]. O(D^2), D <= context length.
-    best = [0.0] + [float("inf")] * len(distinct)
-    cut = [0] * (len(distinct) + 1)
-    for j in range(1, len(distinct) + 1):
-        for i in range(j):
-            cost = best[i] + (count[j] - count[i]) * distinct[j - 1] + call_tokens
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    bounds = []  # (shortest, longest) length of each group, longest group first
-    j = len(distinct)
-    while j > 0:
-        bounds.append((distinct[cut[j]], distinct[j - 1]))
-        j = cut[j]
-    return [[k for k, n in enumerate(lengths) if lo <= n <= hi] for lo, hi in bounds]
-
-
-def texts_by_length(run: Callable[[np.ndarray], np.ndarray],
-                    call_tokens: float = TEXT_CALL_TOKENS) -> Callable[[np.ndarray], np.ndarray]:
-    """A text graph's `run` over zero-padded int64 (B, L) ids -> (B, E), each batch split
-    by `length_groups` and every group trimmed to its own longest text; rows come back in
-    the order given. Each text's embedding is the same in any group: attention is causal
-    and pooling reads the end-of-text token, so neither batch mates nor padding reach it."""
-
-    def text(ids: np.ndarray) -> np.ndarray:
-        lengths = ids.argmax(axis=1) + 1  # (B,) end-of-text has the largest id
-        groups = length_groups(lengths.tolist(), call_tokens)
-        if len(groups) <= 1:
-            return run(np.ascontiguousarray(ids[:, :int(lengths.max(initial=1))]))
-        out = None
-        for group in groups:
-            rows = np.asarray(group)
-            y = run(np.ascontiguousarray(ids[rows, :int(lengths[rows].max())]))  # (b, E)
-            if out is None:
-                out = np.empty((len(ids), y.shape[1]), dtype=y.dtype)
-            out[rows] = y
-        assert out is not None  # two groups or more ran
-        return out
-
-    return text
-
-
 @dataclass
 class Towers:
     """An export opened for inference: uint8 (B, 3, S, S) -> (B, E) and int64 (B, L) ->
-    (B, E), fp32 numpy both; texts zero padded to any L, run grouped by length
-    (`texts_by_length`). Each call may come from any thread."""
+    (B, E), fp32 numpy both; texts zero padded to any L. Each call may come from any
+    thread."""
 
     image: Any  # Callable[[np.ndarray], np.ndarray]
     text: Any
     dtype: str  # what the engine computes in: "float32", "int8", "bfloat16"
-    text_graph: Any = None  # the text graph itself: each batch in one call, at its longest
-
-    @classmethod
-    def of(cls, image: Callable[[np.ndarray], np.ndarray],
-           text_graph: Callable[[np.ndarray], np.ndarray], dtype: str) -> Towers:
-        return cls(image, texts_by_length(text_graph), dtype, text_graph)
 
 
 def open_onnxruntime(export: Export, threads: int) -> Towers:
@@ -567,7 +527,7 @@ def open_onnxruntime(export: Export, threads: int) -> Towers:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda x: sess.run(None, {"input": x})[0]
 
-    return Towers.of(session(export.image), session(export.text),
+    return Towers(session(export.image), session(export.text),
                      "int8" if export.target.precision == "int8" else "float32")
 
 
@@ -599,7 +559,7 @@ def open_openvino(export: Export, threads: int, streams: int = 1,
         return run
 
     dtype = "int8" if export.target.precision == "int8" else "bfloat16" if bf16 else "float32"
-    return Towers.of(compiled(export.image), compiled(export.text), dtype)
+    return Towers(compiled(export.image), compiled(export.text), dtype)
 
 
 def open_export(export: Export, threads: int, streams: int = 1, bf16: bool = False) -> Towers:

@@ -9,11 +9,11 @@ all 77 positions; ours trims the batch to its longest text.
     python loadtests/bench_model.py --model ViT-B-32/laion2b_s34b_b79k   # a registry name
 
 With --engine, the exported engines (clip_core.export) beside torch fp32 instead of
-open_clip; --torch-padded and --text-call-tokens time what packing and length groups are
-worth to texts (docs/benchmarks.md, issue 23):
+open_clip; --torch-padded times what packing is worth to torch's texts (docs/benchmarks.md,
+issue 23):
 
     python loadtests/bench_model.py --engine torch,onnxruntime,openvino --inputs text \
-        --batch-sizes 1,16,64 --dtypes fp32 --torch-padded --text-call-tokens inf
+        --batch-sizes 1,16,64 --dtypes fp32 --torch-padded
 
 Weights are always random: timings do not depend on their values.
 """
@@ -101,10 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--int8", action="store_true", help="with --engine: the int8 exports too")
     ap.add_argument("--export-cache", default=None,
                     help="with --engine: where exports are cached (default: a temp dir)")
-    ap.add_argument("--text-call-tokens", default=None,
-                    help="with --engine: comma list of clip_core.export.length_groups prices "
-                         "of one more text call, each timed as its own fp32 text variant "
-                         "('inf': every batch whole at its longest text, as before issue 23)")
     ap.add_argument("--torch-padded", action="store_true",
                     help="with --engine: torch fp32 texts also without packing (each batch "
                          "padded to its longest text, as one exported graph call runs it)")
@@ -202,15 +198,7 @@ def engines_main(args) -> dict:
     import numpy as np
 
     from clip_core.config import PreprocessConfig
-    from clip_core.export import (
-        TEXT_CALL_TOKENS,
-        ExportTarget,
-        ModelCard,
-        build,
-        open_export,
-        state_dict_sha256,
-        texts_by_length,
-    )
+    from clip_core.export import ExportTarget, ModelCard, build, open_export, state_dict_sha256
 
     cfg = load_architecture(args.model)
     torch.manual_seed(0)
@@ -254,8 +242,6 @@ def engines_main(args) -> dict:
             m16.load_state_dict(model.state_dict())
             variants.append(("torch", "bf16", *torch_towers(m16.to(torch.bfloat16))[:2],
                              _rss_mib() - before))
-    call_prices = [float(c) for c in args.text_call_tokens.split(",")] if (
-        args.text_call_tokens) else []
     for engine in ("onnxruntime", "openvino"):
         if engine not in wanted:
             continue
@@ -271,12 +257,6 @@ def engines_main(args) -> dict:
                 towers.image(np.zeros((1, 3, size, size), np.uint8))  # allocate, plan
                 name = "int8" if precision == "int8" else "bf16" if bf16 else "fp32"
                 variants.append((engine, name, towers.image, towers.text, _rss_mib() - before))
-                if name != "fp32":
-                    continue
-                for price in call_prices:
-                    if price != TEXT_CALL_TOKENS:
-                        text = texts_by_length(towers.text_graph, price)
-                        variants.append((engine, f"fp32 call={price:g}", None, text, 0.0))
     rows = []
     rng = np.random.default_rng(0)
     for bs in (int(b) for b in args.batch_sizes.split(",")):

@@ -3,9 +3,8 @@ as clip_core.export graphs, opened by the engine; only the session differs betwe
 
 Payloads are the torch engine's: uint8 (3, S, S) pixels, and unpadded token id rows. The
 image graph normalises the pixels itself. A text batch is padded to its longest text here;
-the opened text graph (clip_core.export.texts_by_length) then runs it in groups of similar
-length, each trimmed to its own longest, so a text costs close to its real tokens, as on
-the torch engine's packed path.
+the text graph packs the real tokens itself (clip_core.export.TextTower), so a text costs
+its own tokens, as on the torch engine's packed path.
 """
 
 from __future__ import annotations

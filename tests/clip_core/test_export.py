@@ -29,7 +29,6 @@ from clip_core.export import (
     calibration_images,
     evaluate_export,
     export_key,
-    length_groups,
     load_cached,
     open_export,
     state_dict_sha256,
@@ -97,19 +96,26 @@ def test_fp32_exports_match_pytorch_within_1e_5(arch, engine, request, exports_c
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
-def test_mixed_length_texts_run_in_groups_and_match_pytorch_in_order(engine, vit_b32,
-                                                                     exports_cache):
-    """A batch of very unequal lengths, shuffled, runs as several length groups (one of a
-    single text) and every row still matches PyTorch's packed path, in order; the image
-    graph, which pools inside its last block, runs at batch 1 as at the traced 2."""
+def test_mixed_length_texts_run_packed_and_match_pytorch_in_order(engine, vit_b32,
+                                                                  exports_cache):
+    """A batch of very unequal lengths, shuffled, runs packed in one call and every row
+    still matches PyTorch's packed path, in order; a text's row is the same alone, with
+    other batch mates, and padded further. The image graph, which pools inside its last
+    block, runs at batch 1 as at the traced 2."""
     lengths = [4, 14, 9, 77, 5, 12, 4, 30, 7, 2, 60, 10, 6]
-    assert len(length_groups(lengths)) > 1
     towers = open_export(_exported(vit_b32, exports_cache, ExportTarget(engine)), threads=2)
     ids = random_tokens(len(lengths), lengths, seed=6)
     pixels = torch.from_numpy(calibration_images(1, 224, seed=8))
     ref_img, ref_txt = _reference(vit_b32, pixels, ids)
-    assert np.abs(_unit(towers.text(ids.numpy())) - ref_txt).max() <= 1e-5
+    together = towers.text(ids.numpy())
+    assert np.abs(_unit(together) - ref_txt).max() <= 1e-5
     assert np.abs(_unit(towers.image(pixels.numpy())) - ref_img).max() <= 1e-5
+    # Batch mates and padding reach no row: its real tokens alone decide it.
+    alone = towers.text(ids[[2], :9].numpy())
+    others = towers.text(ids[[2, 7, 0], :40].numpy())
+    assert np.abs(alone[0] - together[2]).max() <= 1e-5
+    assert np.abs(others[0] - together[2]).max() <= 1e-5
+    assert np.abs(others[2] - together[0]).max() <= 1e-5
 
 
 def test_onnxruntime_int8_stays_close_to_fp32(vit_b32, exports_cache, capsys):
