@@ -44,20 +44,29 @@ class EmbeddingCache:
         return len(self._entries)
 
     def put(self, model: Hashable, text: str, value: Any) -> None:
-        if value is None:
+        self.put_many(model, [text], [value])
+
+    def put_many(self, model: Hashable, texts: Sequence[str], values: Sequence[Any]) -> None:
+        """`put` of each pair, under one hold of the lock (a request's texts at once)."""
+        if any(v is None for v in values):
             raise ValueError("None cannot be cached; it means 'absent'")
         if self.capacity == 0:
             return
-        key = (model, text)
+        entries = self._entries
         with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            for text, value in zip(texts, values, strict=True):
+                key = (model, text)
+                entries[key] = value
+                entries.move_to_end(key)
+            while len(entries) > self.capacity:
+                entries.popitem(last=False)
 
     def lookup(self, model: Hashable, texts: Sequence[str]) -> CacheLookup:
         """Split `texts` into cached values and the distinct texts still to compute."""
         texts = list(texts)
+        if self.capacity == 0:  # nothing is kept: only the repeats to fold
+            return CacheLookup(model=model, texts=texts, found={},
+                               missing=list(dict.fromkeys(texts)))
         found: dict[str, Any] = {}
         missing: dict[str, None] = {}  # an ordered set
         with self._lock:
@@ -79,8 +88,9 @@ class EmbeddingCache:
             raise ValueError(
                 f"expected {len(lookup.missing)} computed values, got {len(computed)}"
             )
+        self.put_many(lookup.model, lookup.missing, computed)
+        if not lookup.found and len(lookup.missing) == len(lookup.texts):
+            return list(computed)  # every text missing and none repeated: already in order
         values = dict(lookup.found)
-        for text, value in zip(lookup.missing, computed, strict=True):
-            self.put(lookup.model, text, value)
-            values[text] = value
+        values.update(zip(lookup.missing, computed, strict=True))
         return [values[t] for t in lookup.texts]

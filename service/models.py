@@ -213,6 +213,7 @@ class ServedModels(Mapping[str, ServedModel]):
         await asyncio.gather(*(m.worker.drain(timeout) for m in self._served.values()))
         for m in self._served.values():
             m.images.close()
+            m.texts.close()
 
     def refresh_gauges(self) -> None:
         """Set the gauges that are read from state rather than tracked: whether each

@@ -6,9 +6,9 @@ it decodes and resamples, so this overlaps the model and other requests. With
 `mode="device"`, a JPEG the tensor path reads as Pillow does is only checked there and
 becomes an `EncodedImage`: the backend decodes it with the rest of its batch on the
 model's device (clip_core.tensor_preprocess). Texts become
-token id lists [sot, ..., eot] without padding; large requests are tokenised in an
-executor so the loop stays responsive (the BPE holds the GIL, so this buys
-responsiveness, not throughput).
+token id lists [sot, ..., eot] without padding; all but the smallest requests are
+tokenised in a one-thread pool, so the loop spends its time on other requests (the BPE
+holds the GIL, so this buys the loop's time, not throughput).
 
 Errors name the offending input by its index in the request ("image 3: ...").
 """
@@ -316,40 +316,59 @@ class ImagePreparer:
 
 
 class TextPreparer:
-    """Texts -> token id lists. Requests over either threshold go to `executor` (None:
-    the loop's default executor) when prepared with `aprepare`."""
+    """Texts -> token id lists. Requests over either threshold are tokenised off the event
+    loop by `aprepare`, in `executor` or else a pool of the preparer's own.
+
+    The BPE holds the GIL, so the pool buys the loop its time back, not throughput: one
+    thread ("tokenize-0") is enough, and more would only contend with the loop for the
+    GIL. Past a few texts the hop (a future, a wake-up) costs the loop less than the
+    tokenising it saves; a text or two stays inline, where the hop would cost more.
+    """
 
     def __init__(
         self,
         tokenizer: TextTokenizer,
         *,
         executor: Executor | None = None,
-        inline_max_texts: int = 64,
+        inline_max_texts: int = 4,
         inline_max_chars: int = 20_000,
     ):
         self.tokenizer = tokenizer
         self.inline_max_texts = inline_max_texts
         self.inline_max_chars = inline_max_chars
         self._executor = executor
+        self._own: ThreadPoolExecutor | None = None  # made on first use when no executor
 
     def prepare(self, texts: Sequence[str], truncate: bool = True) -> TokenRows:
         """Blocking: the unpadded id lists the worker takes, one per text. With
         `truncate=False`, TextTooLong names the first text that is over."""
-        # Lists, not a tensor: a request's few texts are tokenised on the event loop.
+        # Lists, not a tensor: the worker pads each batch to its own longest text.
         return self.tokenizer.rows(texts, truncate=truncate)
 
     async def aprepare(self, texts: Sequence[str], truncate: bool = True) -> TokenRows:
-        """`prepare`, inline when small, in the executor when large."""
+        """`prepare`, inline when small, in the pool when large."""
         if not self.is_large(texts):
             return self.prepare(texts, truncate)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.prepare, texts, truncate)
+        return await loop.run_in_executor(self._pool(), self.prepare, texts, truncate)
 
     def is_large(self, texts: Sequence[str]) -> bool:
         if len(texts) > self.inline_max_texts:
             return True
         chars = sum(len(t) for t in texts if isinstance(t, str))
         return chars > self.inline_max_chars
+
+    def close(self) -> None:
+        """Stop the preparer's own pool (a given executor is its owner's to stop)."""
+        if self._own is not None:
+            self._own.shutdown(wait=False, cancel_futures=True)
+
+    def _pool(self) -> Executor:
+        if self._executor is not None:
+            return self._executor
+        if self._own is None:
+            self._own = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        return self._own
 
 
 def _indexed(cls: type[InvalidInput], index: int, err: InvalidInput) -> InvalidInput:

@@ -103,3 +103,31 @@ def test_concurrent_use_stays_bounded_and_consistent():
     assert not errors
     assert not any(t.is_alive() for t in threads)
     assert len(cache) <= 50
+
+
+def test_put_many_keeps_what_puts_one_by_one_keep():
+    one_by_one, at_once = EmbeddingCache(capacity=5), EmbeddingCache(capacity=5)
+    for cache in (one_by_one, at_once):
+        cache.put("m", "old", 0)
+        cache.put("m", "older", -1)
+        cache.lookup("m", ["old"])  # "older" is now the least recent
+    texts = ["a", "old", "b", "c", "d"]  # more than fit beside what is kept
+    for i, t in enumerate(texts):
+        one_by_one.put("m", t, i)
+    at_once.put_many("m", texts, list(range(len(texts))))
+    for t in ["older", *texts]:
+        assert _cached(one_by_one, "m", t) == _cached(at_once, "m", t), t
+    assert len(at_once) == len(one_by_one) == 5
+    with pytest.raises(ValueError, match="None"):
+        at_once.put_many("m", ["e", "f"], [1, None])
+    assert _cached(at_once, "m", "e") is None  # refused whole
+
+
+def test_complete_puts_each_missing_text_and_answers_in_order():
+    cache = EmbeddingCache(capacity=8)
+    lookup = cache.lookup("m", ["p", "q", "r"])
+    assert cache.complete(lookup, [1, 2, 3]) == [1, 2, 3]
+    assert [_cached(cache, "m", t) for t in "pqr"] == [1, 2, 3]
+    again = cache.lookup("m", ["s", "q", "s"])
+    assert again.missing == ["s"]
+    assert cache.complete(again, [4]) == [4, 2, 4]

@@ -188,3 +188,32 @@ def test_large_inputs_are_tokenised_in_the_executor(tokenizer):
             asyncio.run(prep.aprepare([*many[:64], "word " * 100], truncate=False))
     finally:
         executor.shutdown()
+
+
+class ThreadRecordingTokenizer:
+    """Wraps a tokenizer and notes the thread each `rows` call ran on."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.threads: list[str] = []
+
+    def rows(self, texts, truncate=True):
+        self.threads.append(threading.current_thread().name)
+        return self.inner.rows(texts, truncate=truncate)
+
+
+def test_without_an_executor_requests_past_a_few_texts_go_to_a_tokenize_pool(tokenizer):
+    recording = ThreadRecordingTokenizer(tokenizer)
+    prep = TextPreparer(recording)
+    few = ["a cat"] * prep.inline_max_texts
+    many = [f"photo number {i}" for i in range(64)]
+    try:
+        assert asyncio.run(prep.aprepare(few)) == tokenizer.rows(few)
+        assert asyncio.run(prep.aprepare(many)) == tokenizer.rows(many)
+        assert asyncio.run(prep.aprepare(many[:5])) == tokenizer.rows(many[:5])
+    finally:
+        prep.close()
+    loop_thread = threading.current_thread().name
+    assert recording.threads[0] == loop_thread  # a few texts: inline, the hop costs more
+    assert all(t.startswith("tokenize") for t in recording.threads[1:])  # ceiling.py's pools
+    assert len(set(recording.threads[1:])) == 1  # one thread: the BPE holds the GIL

@@ -76,6 +76,18 @@ def test_embed_body_is_the_models_body_byte_for_byte(encoding):
     EmbedResponse.model_validate_json(only_images)
 
 
+@pytest.mark.parametrize("dim", [1, 2, 3, 511, 512, 513, 768])  # 4E % 3: 1, 2, 0, ...
+def test_base64_rows_are_each_rows_standard_base64(dim):
+    vectors = np.random.default_rng(dim).standard_normal((5, dim)).astype(np.float32)
+    vectors[0, 0] = np.nan
+    expected = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+                for row in vectors]
+    assert responses.rows(vectors, "base64") == expected
+    assert responses.rows(vectors[:, ::-1], "base64")[1:] == [  # not C-contiguous
+        base64.b64encode(np.ascontiguousarray(r).astype("<f4").tobytes()).decode()
+        for r in vectors[1:, ::-1]]
+
+
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 def test_openai_body_is_the_models_body_byte_for_byte(encoding):
     v = _vectors(4, 8, 3)
