@@ -28,7 +28,7 @@ from .cache import EmbeddingCache
 from .errors import InvalidRequest, UrlNotAllowed
 from .fetch import FetchConfig, UrlFetcher
 from .limits import Limits
-from .metrics import Metrics, observe_all
+from .metrics import Metrics
 from .models import ServedModel, ServedModels
 from .prepare import ImageSource
 from .settings import Settings
@@ -262,4 +262,6 @@ class Engine:
 
     def observe_waits(self, model: str, kind: str, results) -> None:
         """Each item's queue wait into the histogram (also for /moderate's own calls)."""
-        observe_all(self.metrics.queue_wait.labels(model, kind), [r.queue_s for r in results])
+        hist = self.metrics.queue_wait.labels(model, kind)
+        for r in results:
+            hist.observe(r.queue_s)

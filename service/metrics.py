@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter as Tally
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-export)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -173,33 +172,6 @@ class Metrics:
 
     def for_worker(self, model: str, device: str) -> WorkerMetrics:
         return WorkerMetrics(self, model, device)
-
-
-def observe_all(histogram: Histogram, amounts: Iterable[float]) -> None:
-    """Each amount into `histogram` (one labelled child), as `observe` would one by one.
-
-    A request's items share their queue wait per batch, so 64 items bring a handful of
-    distinct amounts: each distinct amount adds its count to its bucket and count x amount
-    to the sum, where 64 `observe` calls would each lock and add. prometheus-client has no
-    weighted observe, so this reaches for the child's value cells (`_sum`, `_buckets`,
-    `_upper_bounds`, the same in one process and several); where they are not as
-    expected, it falls back to `observe`. Exemplars are not used here."""
-    tally = Tally(amounts)
-    bounds = getattr(histogram, "_upper_bounds", None)
-    cells = getattr(histogram, "_buckets", None)
-    total = getattr(histogram, "_sum", None)
-    if bounds is None or cells is None or total is None or len(cells) != len(bounds):
-        for amount, n in tally.items():
-            for _ in range(n):
-                histogram.observe(amount)
-        return
-    histogram._raise_if_not_observable()  # a histogram with labels but no child
-    for amount, n in tally.items():
-        total.inc(amount * n)
-        for cell, bound in zip(cells, bounds, strict=True):
-            if amount <= bound:  # as observe: the first bucket the amount fits
-                cell.inc(n)
-                break
 
 
 def _answered(requests: Counter) -> float:

@@ -5,14 +5,13 @@ import asyncio
 import pytest
 from fake_backend import FakeBackend
 from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from refusals import metric, tiny_checkpoint
 
 from service.app import create_app
 from service.batcher import BatcherConfig
 from service.errors import Overloaded
-from service.metrics import Metrics, observe_all
+from service.metrics import Metrics
 from service.settings import Settings
 from service.worker import ModelWorker
 
@@ -92,48 +91,3 @@ def test_model_ready_goes_to_zero_while_draining(tmp_path):
         assert metric(c, "clip_model_ready", model="tiny") == 1
         app.state.engine.models.stop_admitting()
         assert metric(c, "clip_model_ready", model="tiny") == 0
-
-
-def _registry_samples(registry: CollectorRegistry) -> dict[tuple, float]:
-    families = text_string_to_metric_families(generate_latest(registry).decode())
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in families for s in f.samples if not s.name.endswith("_created")}
-
-
-def test_observe_all_counts_as_one_observe_per_amount():
-    # Bounds themselves (le is inclusive), between them, past the last, repeats, zero.
-    amounts = [0.005, 0.005, 0.007, 0.0, 30.0, 31.0, 31.0, 0.2, 0.005, 1e-9, 2.0] * 3
-    one_by_one, at_once = CollectorRegistry(), CollectorRegistry()
-    h1 = Histogram("wait", "w", ["model"], buckets=(0.005, 0.01, 0.25, 1, 30),
-                   registry=one_by_one)
-    h2 = Histogram("wait", "w", ["model"], buckets=(0.005, 0.01, 0.25, 1, 30),
-                   registry=at_once)
-    for a in amounts:
-        h1.labels("m").observe(a)
-    observe_all(h2.labels("m"), amounts[:7])
-    observe_all(h2.labels("m"), amounts[7:])
-    expected, got = _registry_samples(one_by_one), _registry_samples(at_once)
-    assert got.keys() == expected.keys()
-    for key, value in expected.items():
-        if key[0] == "wait_sum":  # count x amount, not repeated adds: the same to rounding
-            assert got[key] == pytest.approx(value, rel=1e-12)
-        else:
-            assert got[key] == value, key
-    assert got[("wait_count", (("model", "m"),))] == len(amounts)
-
-
-class ObserveOnly:
-    def __init__(self):
-        self.seen: list[float] = []
-
-    def observe(self, amount: float) -> None:
-        self.seen.append(amount)
-
-
-def test_observe_all_falls_back_to_observe_without_the_value_cells():
-    h = ObserveOnly()
-    observe_all(h, [0.1, 0.2, 0.1])  # type: ignore[arg-type]
-    assert sorted(h.seen) == [0.1, 0.1, 0.2]
-    parent = Histogram("wait", "w", ["model"], registry=CollectorRegistry())
-    with pytest.raises(ValueError):  # as observe: a labelled histogram needs .labels()
-        observe_all(parent, [0.1])
