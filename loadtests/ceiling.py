@@ -17,8 +17,8 @@ phase per request shape:
 Per phase: items/s, latency percentiles, and CPU per item, read from /proc at the measured
 window's two ends: the server's by thread, grouped by the thread's name (the server names
 its OS threads, service.tuning.name_os_threads): the event loop (the main thread), the
-pools (image decoding; the loop's default executor, which tokenises large requests), the
-model's serving threads, the rest; and the load generator's processes. With --processes N
+pools (image decoding, tokenising), the model's serving threads, the rest (among them
+the threads that parse large bodies); and the load generator's processes. With --processes N
 the server is a supervisor and N server processes (CLIP_PROCESSES): their threads are
 summed, each child's main thread counting as an event loop. Then the projection
 to a 16-core GPU host: each item's budget at the goals (5,000 images/s, 20,000 texts/s),
@@ -295,7 +295,7 @@ def group_of(name: str, tid: int, pid: int | Collection[int]) -> str:
     if tid == pid or (not isinstance(pid, int) and tid in pid):
         return "loop"  # uvicorn runs the event loop on the main thread
     if name.startswith(("prepare-", "decode", "asyncio", "tokeni", "b64", "base64")):
-        return "pools"  # decode pool; the loop's default executor (large tokenisations)
+        return "pools"  # the decode pool, the tokenize pool
     if name.startswith("model-worker"):
         return "serving"
     return "other"

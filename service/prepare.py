@@ -320,7 +320,7 @@ class TextPreparer:
     loop by `aprepare`, in `executor` or else a pool of the preparer's own.
 
     The BPE holds the GIL, so the pool buys the loop its time back, not throughput: one
-    thread ("tokenize-0") is enough, and more would only contend with the loop for the
+    thread ("tokenize_0") is enough, and more would only contend with the loop for the
     GIL. Past a few texts the hop (a future, a wake-up) costs the loop less than the
     tokenising it saves; a text or two stays inline, where the hop would cost more.
     """
