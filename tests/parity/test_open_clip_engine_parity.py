@@ -1,6 +1,7 @@
 """The open_clip engine against open_clip's own calls, at real sizes on random weights:
-ViT-B-16-SigLIP (squash, sigmoid, T5 SentencePiece tokenizer padded to 64) and
-MobileCLIP-S1 (timm's FastViT, CLIP's BPE padded to 77 with no causal mask).
+ViT-B-16-SigLIP (squash, sigmoid, T5 SentencePiece tokenizer padded to 64),
+MobileCLIP-S1 (timm's FastViT, CLIP's BPE padded to 77 with no causal mask) and
+EVA02-B-16 (timm's EVA-02 image tower with rotary embeddings, CLIP's text tower).
 
 Ours: the decode pool's transform (clip_core ImageTransform on the engine's
 PreprocessConfig), the engine's tokenizer, and one batch of mixed sizes and lengths
@@ -112,3 +113,10 @@ def test_mobileclip_matches_open_clip():
     assert em.preprocess.interpolation == "bilinear" and em.scoring == "softmax"
     assert em.preprocess.mean == (0.0, 0.0, 0.0) and em.preprocess.std == (1.0, 1.0, 1.0)
     _check(em, "MobileCLIP-S1", "datacompdr", open_clip.get_tokenizer("MobileCLIP-S1"))
+
+
+def test_eva02_matches_open_clip():
+    em = _engine_model("EVA02-B-16/merged2b_s8b_b131k")
+    assert em.preprocess.resize_mode == "shortest" and em.scoring == "softmax"
+    assert em.backends[0].info.context_length == 77
+    _check(em, "EVA02-B-16", "merged2b_s8b_b131k", open_clip.get_tokenizer("EVA02-B-16"))
