@@ -121,9 +121,10 @@ def decode_workers(setting: int | str, *, accelerator: bool, model_threads: int 
     up to 3 cores); with several server processes those two are kept once and the rest
     shared out, so that processes x decoders is about the machine's cores. On CPU the
     model needs its torch threads: the decoders get the cores `model_threads` leaves,
-    or, where the model may use every core, a quarter of them (at least 2). They run niced (`lower_priority`), so they take only what the model
-    leaves of a core either way, and a CPU model costs several times what decoding an
-    image does, so the model stays the bottleneck.
+    or, where the model may use every core, a quarter of them (at least 2). They run
+    niced (`lower_priority`), so they take only what the model leaves of a core either
+    way, and a CPU model costs several times what decoding an image does, so the model
+    stays the bottleneck.
     """
     if setting != "auto":
         return int(setting)
