@@ -35,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -507,21 +507,60 @@ def ensure(spec: str, target: ExportTarget, *, cache_dir: Path, offline: bool = 
 class Towers:
     """An export opened for inference: uint8 (B, 3, S, S) -> (B, E) and int64 (B, L) ->
     (B, E), fp32 numpy both; texts zero padded to any L. Each call may come from any
-    thread."""
+    thread; the calls use every thread the export was opened with.
+
+    `lanes`: for runs side by side, stream i calls `lanes[i]`, which computes on its share
+    of the threads, so that two runs at once do not fight over one pool (empty when the
+    export was opened for one run at a time). A lane is a second session of the same
+    graphs and holds its own copy of the weights."""
 
     image: Any  # Callable[[np.ndarray], np.ndarray]
     text: Any
     dtype: str  # what the engine computes in: "float32", "int8", "bfloat16"
+    lanes: list[Towers] = field(default_factory=list)
+
+    def sessions(self) -> list[Towers]:
+        """This and each distinct lane: every session there is to warm up."""
+        distinct = {id(t): t for t in [self, *self.lanes]}
+        return list(distinct.values())
 
 
-def open_onnxruntime(export: Export, threads: int) -> Towers:
-    """ONNX Runtime sessions on the CPU, with `threads` intra-op threads each and every
-    graph optimisation. Session.run is thread-safe: concurrent calls share the pool."""
+def lane_threads(threads: int, streams: int) -> int:
+    """Each lane's threads when `streams` runs share `threads`; the remainder is left to
+    the decoders and the event loop rather than given to one lane."""
+    return max(1, threads // streams)
+
+
+def _lanes(threads: int, streams: int, open_lane: Any) -> list[Towers]:
+    """`open_lane(n)` -> Towers on n threads, for each of `streams` runs side by side.
+
+    None with one stream or one thread: that one pool is all there is to share. A lane of
+    one thread computes on its caller's thread alone, so one such session serves every
+    stream at once (one more copy of the weights in all); wider lanes need a session each,
+    or the streams would share one pool's workers again."""
+    if streams <= 1 or threads <= 1:
+        return []
+    n = lane_threads(threads, streams)
+    if n == 1:
+        return [open_lane(1)] * streams
+    return [open_lane(n) for _ in range(streams)]
+
+
+def open_onnxruntime(export: Export, threads: int, streams: int = 1) -> Towers:
+    """ONNX Runtime sessions on the CPU, with `threads` intra-op threads and every graph
+    optimisation, and for `streams` > 1 a lane per stream (`Towers.lanes`).
+
+    One session per thread count, because ONNX Runtime sizes a session's pool once:
+    runs side by side on one session share its workers, and a worker that the decoders
+    or the event loop preempt stalls both runs at its barrier (docs/benchmarks.md,
+    issue 23: 0.80x of the engine's best batch against 0.94x with a lane a stream)."""
     import onnxruntime as ort
 
-    def session(path: Path):
+    dtype = "int8" if export.target.precision == "int8" else "float32"
+
+    def session(path: Path, n: int):
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = n
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle intra-op threads sleep rather than spin: beside them the server decodes
@@ -531,26 +570,32 @@ def open_onnxruntime(export: Export, threads: int) -> Towers:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda x: sess.run(None, {"input": x})[0]
 
-    return Towers(session(export.image), session(export.text),
-                     "int8" if export.target.precision == "int8" else "float32")
+    def towers(n: int) -> Towers:
+        return Towers(session(export.image, n), session(export.text, n), dtype)
+
+    whole = towers(threads)
+    whole.lanes = _lanes(threads, streams, towers)
+    return whole
 
 
 def open_openvino(export: Export, threads: int, streams: int = 1,
                   bf16: bool = False) -> Towers:
-    """OpenVINO compiled models on the CPU. The inference precision is pinned: the CPU
-    plugin would otherwise pick bf16 by itself wherever the CPU has it (this one has),
-    and fp32 serving must stay within 1e-5 of PyTorch. One infer request per calling
-    thread, so `streams` serving threads run side by side."""
+    """OpenVINO compiled models on the CPU: one for a run at a time on all `threads`,
+    and for `streams` > 1 one compiled for that many streams on a share of the threads
+    each, which every lane uses (one infer request per calling thread). The inference
+    precision is pinned: the CPU plugin would otherwise pick bf16 by itself wherever the
+    CPU has it (this one has), and fp32 serving must stay within 1e-5 of PyTorch."""
     import threading
 
     import openvino as ov
 
     core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-              "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": streams,
-              "PERFORMANCE_HINT": "LATENCY"}
+    dtype = "int8" if export.target.precision == "int8" else "bfloat16" if bf16 else "float32"
 
-    def compiled(path: Path):
+    def compiled(path: Path, n: int, k: int):
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+                  "INFERENCE_NUM_THREADS": n * k, "NUM_STREAMS": k,
+                  "PERFORMANCE_HINT": "LATENCY" if k == 1 else "THROUGHPUT"}
         model = core.compile_model(core.read_model(str(path)), "CPU", config)
         local = threading.local()
 
@@ -562,15 +607,20 @@ def open_openvino(export: Export, threads: int, streams: int = 1,
 
         return run
 
-    dtype = "int8" if export.target.precision == "int8" else "bfloat16" if bf16 else "float32"
-    return Towers(compiled(export.image), compiled(export.text), dtype)
+    whole = Towers(compiled(export.image, threads, 1), compiled(export.text, threads, 1), dtype)
+    if streams > 1 and threads > 1:
+        n = lane_threads(threads, streams)
+        lane = Towers(compiled(export.image, n, streams), compiled(export.text, n, streams),
+                      dtype)
+        whole.lanes = [lane] * streams  # the compiled model gives each request a stream
+    return whole
 
 
 def open_export(export: Export, threads: int, streams: int = 1, bf16: bool = False) -> Towers:
     if export.target.engine == "onnxruntime":
         if bf16:
             raise ValueError("ONNX Runtime's CPU kernels have no bf16: serve fp32 or int8")
-        return open_onnxruntime(export, threads)
+        return open_onnxruntime(export, threads, streams)
     return open_openvino(export, threads, streams, bf16)
 
 

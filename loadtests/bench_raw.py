@@ -54,17 +54,29 @@ def side_by_side(fn: Callable[[torch.Tensor], object], x: torch.Tensor, streams:
     """Items/s of `streams` threads each calling fn(x) on its share of the cores at once:
     the ceiling the server's CPU streams (service.batcher) aim at."""
     share = max(1, torch.get_num_threads() // streams)
-    ready = threading.Barrier(streams)
+
+    def lane() -> Callable[[], None]:
+        torch.set_num_threads(share)  # this thread's own pool (OpenMP's count is per thread)
+        return _call(fn, x)
+
+    return together([lane] * streams, x.shape[0], min_time)
+
+
+def together(lanes: list[Callable[[], Callable[[], object]]], batch: int,
+             min_time: float) -> float:
+    """Items/s of one thread per lane, all calling at once, `batch` items a call: each
+    thread makes its call with `lane()` (in the thread), calls it once untimed, then
+    times it from a common start."""
+    ready = threading.Barrier(len(lanes))
     rates_: list[float] = []
 
-    def work() -> None:
-        torch.set_num_threads(share)  # this thread's own pool (OpenMP's count is per thread)
-        call = _call(fn, x)
+    def work(lane: Callable[[], Callable[[], object]]) -> None:
+        call = lane()
         call()
         ready.wait()
-        rates_.append(_rate(call, x.shape[0], min_time))
+        rates_.append(_rate(call, batch, min_time))
 
-    threads = [threading.Thread(target=work) for _ in range(streams)]
+    threads = [threading.Thread(target=work, args=(lane,)) for lane in lanes]
     for t in threads:
         t.start()
     for t in threads:

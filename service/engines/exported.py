@@ -10,6 +10,7 @@ its own tokens, as on the torch engine's packed path.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +47,7 @@ class ExportedBackend:
         self.warmup_images = warmup_images
         self.logit_scale = card.logit_scale
         self._towers = towers
+        self._local = threading.local()  # .towers: what this serving thread's runs call
         self._vocab = card.vocab_size
         self.info = BackendInfo(name=card.name, embed_dim=card.embed_dim,
                                 image_size=card.image_size, device="cpu", dtype=towers.dtype,
@@ -56,17 +58,34 @@ class ExportedBackend:
         """Cores the engine's thread pool uses, all streams together."""
         return self.threads or usable_cores()
 
+    def place(self, stream: int, streams: int, alone: bool) -> None:
+        """Which session the calling serving thread's next batch runs on: every thread
+        when alone on stream 0 (as `service.tuning.thread_share` gives torch), else the
+        stream's lane (`clip_core.export.Towers.lanes`)."""
+        lanes = self._towers.lanes
+        self._local.towers = (self._towers if not lanes or (alone and stream == 0)
+                              else lanes[stream % len(lanes)])
+
     def warmup(self) -> None:
-        """A small image batch and texts of a few lengths: the runtimes plan and allocate
-        each shape's kernels on its first run."""
+        """A small image batch and texts of a few lengths on every session, lanes too: the
+        runtimes plan and allocate each shape's kernels on its first run."""
         rng = np.random.default_rng(0)
         s = self.info.image_size
         n = min(4, self.warmup_images)
-        self.run("image", list(rng.integers(0, 256, (n, 3, s, s), dtype=np.uint8)))
-        for length in _WARMUP_TEXT_LENGTHS:
-            n = min(length, self.info.context_length)
-            self.run("text", [[self._vocab - 2, *rng.integers(1, self._vocab - 2, n - 2).tolist(),
-                               self._vocab - 1]])
+        images: list[object] = list(rng.integers(0, 256, (n, 3, s, s), dtype=np.uint8))
+        texts: list[list[object]] = [[[self._vocab - 2, *rng.integers(1, self._vocab - 2, k - 2).tolist(),
+                   self._vocab - 1]]
+                 for k in (min(length, self.info.context_length)
+                           for length in _WARMUP_TEXT_LENGTHS)]
+        placed = getattr(self._local, "towers", None)
+        try:
+            for towers in self._towers.sessions():
+                self._local.towers = towers
+                self.run("image", images)
+                for text in texts:
+                    self.run("text", text)
+        finally:
+            self._local.towers = placed
 
     def release_memory(self) -> None:
         release_heap()
@@ -75,10 +94,11 @@ class ExportedBackend:
         """One fp32 (E,) vector per payload, in order."""
         if not payloads:
             return []
+        towers = getattr(self._local, "towers", None) or self._towers
         if kind == "image":
-            x, compute = self._images(payloads), self._towers.image
+            x, compute = self._images(payloads), towers.image
         elif kind == "text":
-            x, compute = self._texts(payloads), self._towers.text
+            x, compute = self._texts(payloads), towers.text
         else:
             raise ValueError(f"unknown kind {kind!r}")
         try:

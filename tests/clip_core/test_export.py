@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,12 @@ from clip_core.export import (
     Export,
     ExportTarget,
     ModelCard,
+    _lanes,
     build,
     calibration_images,
     evaluate_export,
     export_key,
+    lane_threads,
     load_cached,
     open_export,
     state_dict_sha256,
@@ -244,6 +247,69 @@ def test_the_towers_pooled_in_their_last_block_keep_the_batch_dynamic(pristine, 
     ref_img, ref_txt = _reference(model, pixels, ids)
     assert np.abs(_unit(towers.image(pixels.numpy())) - ref_img).max() <= 1e-5
     assert np.abs(_unit(towers.text(ids.numpy())) - ref_txt).max() <= 1e-5
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_lanes_compute_what_the_whole_export_computes_side_by_side(pristine, tmp_path, engine):
+    """Two streams on two threads: one one-thread lane that both streams call at once,
+    each call equal to the whole export's within 1e-6."""
+    model, _ = pristine
+    towers = open_export(_exported(model, tmp_path, ExportTarget(engine)), 2, streams=2)
+    assert len(towers.lanes) == 2 and towers.lanes[0] is towers.lanes[1]
+    assert len(towers.sessions()) == 2
+    pixels = calibration_images(3, 32, seed=5)
+    ids = random_tokens(3, [3, 12, 6], seed=5)[:, :12].numpy()
+    want = towers.image(pixels), towers.text(ids)
+    got: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def stream(i: int) -> None:
+        start.wait(10)
+        for _ in range(5):
+            got[i].append((towers.lanes[i].image(pixels), towers.lanes[i].text(ids)))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [len(v) for v in got.values()] == [5, 5]
+    for image, text in got[0] + got[1]:
+        assert np.abs(image - want[0]).max() <= 1e-6
+        assert np.abs(text - want[1]).max() <= 1e-6
+
+
+@pytest.mark.parametrize(("engine", "threads", "streams", "sessions"), [
+    ("onnxruntime", 4, 2, 3),  # wider lanes: a session each, or they would share one pool
+    ("openvino", 4, 2, 2),  # one model compiled for two streams serves both lanes
+    ("onnxruntime", 2, 1, 1),  # one stream: the whole session is all
+    ("onnxruntime", 1, 2, 1),  # one thread: nothing to split
+])
+def test_the_sessions_an_export_opens_for_its_streams(pristine, tmp_path, engine, threads,
+                                                       streams, sessions):
+    model, _ = pristine
+    towers = open_export(_exported(model, tmp_path, ExportTarget(engine)), threads, streams)
+    assert len(towers.sessions()) == sessions
+    assert len(towers.lanes) == (streams if sessions > 1 else 0)
+    ids = random_tokens(2, [4, 7], seed=2)[:, :7].numpy()
+    for lane in towers.lanes:
+        assert np.abs(lane.text(ids) - towers.text(ids)).max() <= 1e-6
+
+
+def test_lanes_get_an_even_share_of_the_threads_and_one_thread_lanes_are_shared():
+    opened: list[int] = []
+
+    def open_lane(n: int) -> object:
+        opened.append(n)
+        return object()
+
+    assert _lanes(2, 1, open_lane) == [] and _lanes(1, 2, open_lane) == [] and opened == []
+    two = _lanes(3, 2, open_lane)  # 3 // 2: the odd thread stays with decoding and the loop
+    assert opened == [1] and two[0] is two[1]
+    opened.clear()
+    wide = _lanes(8, 2, open_lane)
+    assert opened == [4, 4] and wide[0] is not wide[1]
+    assert lane_threads(8, 3) == 2 and lane_threads(2, 4) == 1
 
 
 def test_an_export_for_other_weights_is_never_served(tiny):

@@ -137,3 +137,44 @@ def test_quick_bench_reports_every_target(tmp_path):
     assert "| target | measured | reference | result |" in (out / "report.md").read_text()
     for name in ("batch_sizes.png", "overload.png"):
         assert Image.open(out / name).format == "PNG"
+
+
+def test_lanes_are_timed_together_each_from_its_own_thread():
+    import threading
+
+    from bench_raw import together
+
+    made: list[int] = []
+    calls: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def lane():
+        me = threading.get_ident()
+        made.append(me)
+
+        def call():
+            with lock:
+                calls[me] = calls.get(me, 0) + 1
+        return call
+
+    rate = together([lane, lane], batch=3, min_time=0.01)
+    assert len(set(made)) == 2 and threading.get_ident() not in made
+    assert set(calls) == set(made) and min(calls.values()) >= 2  # one untimed, then timed
+    assert rate > 0
+
+
+def test_the_report_gives_texts_on_two_lanes_by_batch_size():
+    raw, svc = _results()
+    raw.update(image_per_s={8: 20.0}, text_per_s={8: 200.0}, preprocess_ms=4.0,
+               streams={"streams": 2, "image_batch": 8, "text_batch": 32, "image_per_s": 21.0,
+                        "text_per_s": 250.0, "text_by_batch": {8: 229.3, 32: 250.0}})
+    for ph in svc["phases"].values():
+        ph["median"].update(p50_s=0.1, p99_s=0.2, errors=0, refused=0, server_cpu_s=1.0,
+                            client_cpu_share=0.1)
+    svc.update(server_args=[], server_env={})
+    report = {"model": "m", "dtype": "fp32", "raw": {**raw, "threads": 2}, "service": svc,
+              "targets": bench.targets(raw, svc),
+              "machine": {"cpu": "c", "usable_cores": 2, "torch": bench.torch.__version__,
+                          "date": "d", "loadavg_1min_before": 0.0}}
+    text = bench.markdown(report)
+    assert "texts on two lanes side by side, texts/s by batch size: 8: 229.3, 32: 250.0" in text
