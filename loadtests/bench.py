@@ -406,6 +406,28 @@ TARGET_KEYS = ("image1_throughput", "text_throughput", "classify_throughput", "i
 # ---- report ----
 
 
+def lanes_cap(raw: dict, svc: dict, cores: int) -> dict | None:
+    """What the engine could serve of the text phase on these cores beside its load
+    generator: two lanes at the batch the service formed (its mean, rounded down to a
+    timed size) on the cores the load generator left, against the raw best batch. None
+    without the lanes' timing or the phase's batch sizes."""
+    by_batch = raw.get("streams", {}).get("text_by_batch")
+    phase = svc["phases"].get("text", {})
+    means = [b["mean"] for run in phase.get("runs", [])
+             for b in run.get("batch_sizes", {}).values() if b.get("mean")]
+    if not by_batch or not means:
+        return None
+    mean = statistics.median(means)
+    batch = max([b for b in map(int, by_batch) if b <= mean] or [min(map(int, by_batch))])
+    lanes = by_batch[batch] if batch in by_batch else by_batch[str(batch)]
+    client = phase["median"]["client_cpu_share"]
+    cap = lanes * max(0.0, cores - client) / cores
+    return {"mean_batch": mean, "batch": batch, "lanes_per_s": lanes, "client_cores": client,
+            "cap_per_s": cap, "of_best": cap / raw["text_best"]["items_per_s"]}
+
+
+
+
 def _other_build(here: str, svc: dict) -> str:
     there = svc.get("server_torch", here)
     if there == here:
@@ -452,6 +474,14 @@ def markdown(report: dict) -> str:
         if "text_by_batch" in st:
             lines.append("raw, texts on two lanes side by side, texts/s by batch size: "
                          + ", ".join(f"{b}: {v:.1f}" for b, v in st["text_by_batch"].items()))
+        cap = lanes_cap(raw, svc, m["usable_cores"])
+        if cap:
+            lines.append(
+                f"texts: the service's batches averaged {cap['mean_batch']:.1f}, where two "
+                f"lanes do {cap['lanes_per_s']:.1f}/s (batch {cap['batch']}); the load "
+                f"generator took {cap['client_cores']:.2f} of the {m['usable_cores']} cores, "
+                f"which leaves the engine at most {cap['cap_per_s']:.1f} texts/s "
+                f"({cap['of_best']:.2f} x the raw best batch) before any serving cost")
     lines.append(f"raw batch-1 image {raw['image_batch1_ms']:.1f} ms; decode + resize of one "
                  f"test JPEG {raw['preprocess_ms']:.1f} ms")
     if "bf16" in raw:

@@ -178,3 +178,16 @@ def test_the_report_gives_texts_on_two_lanes_by_batch_size():
                           "date": "d", "loadavg_1min_before": 0.0}}
     text = bench.markdown(report)
     assert "texts on two lanes side by side, texts/s by batch size: 8: 229.3, 32: 250.0" in text
+
+
+def test_the_lanes_cap_takes_the_services_mean_batch_and_the_cores_the_client_left():
+    raw = {"text_best": {"batch": 32, "items_per_s": 300.0},
+           "streams": {"text_by_batch": {"1": 100.0, "4": 200.0, "8": 280.0, "16": 290.0}}}
+    runs = [{"batch_sizes": {"m/text": {"mean": m}}} for m in (7.0, 9.0, 12.0)]
+    svc = {"phases": {"text": {"runs": runs, "median": {"client_cpu_share": 0.5}}}}
+    cap = bench.lanes_cap(raw, svc, cores=2)
+    assert cap["mean_batch"] == 9.0 and cap["batch"] == 8  # the median run, rounded down
+    assert cap["cap_per_s"] == 280.0 * 1.5 / 2 and cap["of_best"] == cap["cap_per_s"] / 300.0
+    runs[:] = [{"batch_sizes": {"m/text": {"mean": 0.5}}}]  # below every timed size
+    assert bench.lanes_cap(raw, svc, cores=2)["batch"] == 1
+    assert bench.lanes_cap({"text_best": raw["text_best"]}, svc, cores=2) is None
