@@ -44,6 +44,7 @@ class ExportedBackend:
         self.preprocess = card.preprocess
         self.device = torch.device("cpu")  # ServedModels asks for its .type
         self.threads = threads
+        self._opened_threads = self.cpu_threads  # what `towers` computes on, lanes aside
         self.warmup_images = warmup_images
         self.logit_scale = card.logit_scale
         self._towers = towers
@@ -61,10 +62,12 @@ class ExportedBackend:
     def place(self, stream: int, streams: int, alone: bool) -> None:
         """Which session the calling serving thread's next batch runs on: every thread
         when alone on stream 0 (as `service.tuning.thread_share` gives torch), else the
-        stream's lane (`clip_core.export.Towers.lanes`)."""
+        stream's lane (`clip_core.export.Towers.lanes`). A CPU replica, given a share of
+        the threads (service.models), always runs on a lane: the replicas beside it may
+        be computing too."""
         lanes = self._towers.lanes
-        self._local.towers = (self._towers if not lanes or (alone and stream == 0)
-                              else lanes[stream % len(lanes)])
+        whole = alone and stream == 0 and self.cpu_threads >= self._opened_threads
+        self._local.towers = self._towers if whole or not lanes else lanes[stream % len(lanes)]
 
     def warmup(self) -> None:
         """A small image batch and texts of a few lengths on every session, lanes too: the

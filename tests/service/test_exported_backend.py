@@ -100,3 +100,11 @@ def test_warmup_runs_every_distinct_session_once_per_shape_and_keeps_the_placeme
     assert calls.names == ["whole"] * 4 + ["lane"] * 4
     b.run("image", [IMAGE])
     assert calls.names[-1] == "lane"
+
+
+def test_a_cpu_replica_with_a_share_of_the_threads_never_runs_on_them_all():
+    b, calls = backend(2, shared=True)
+    b.threads = 1  # as service.models shares two cores out over two CPU replicas
+    b.place(0, 1, alone=True)
+    b.run("image", [IMAGE])
+    assert calls.names == ["lane"]
