@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -512,7 +513,7 @@ class Towers:
     `lanes`: for runs side by side, stream i calls `lanes[i]`, which computes on its share
     of the threads, so that two runs at once do not fight over one pool (empty when the
     export was opened for one run at a time). A lane is a second session of the same
-    graphs and holds its own copy of the weights."""
+    graphs (ONNX Runtime) or a second compiled model (OpenVINO)."""
 
     image: Any  # Callable[[np.ndarray], np.ndarray]
     text: Any
@@ -531,10 +532,10 @@ def lane_threads(threads: int, streams: int) -> int:
     return max(1, threads // streams)
 
 
-def _lanes(threads: int, streams: int, open_lane: Any) -> list[Towers]:
+def _lanes(threads: int, streams: int, open_lane: Callable[[int], Towers]) -> list[Towers]:
     """`open_lane(n)` -> Towers on n threads, for each of `streams` runs side by side.
 
-    None with one stream or one thread: that one pool is all there is to share. A lane of
+    No lanes with one stream or one thread: that one pool is all there is to share. A lane of
     one thread computes on its caller's thread alone, so one such session serves every
     stream at once (one more copy of the weights in all); wider lanes need a session each,
     or the streams would share one pool's workers again."""
@@ -552,8 +553,8 @@ def open_onnxruntime(export: Export, threads: int, streams: int = 1) -> Towers:
 
     One session per thread count, because ONNX Runtime sizes a session's pool once:
     runs side by side on one session share its workers, and a worker that the decoders
-    or the event loop preempt stalls both runs at its barrier (docs/benchmarks.md,
-    issue 23: 0.80x of the engine's best batch against 0.94x with a lane a stream)."""
+    or the event loop preempt stalls both runs at its barrier (docs/benchmarks.md, "CPU
+    engines: a lane a stream")."""
     import onnxruntime as ort
 
     dtype = "int8" if export.target.precision == "int8" else "float32"

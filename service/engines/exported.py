@@ -76,10 +76,11 @@ class ExportedBackend:
         s = self.info.image_size
         n = min(4, self.warmup_images)
         images: list[object] = list(rng.integers(0, 256, (n, 3, s, s), dtype=np.uint8))
-        texts: list[list[object]] = [[[self._vocab - 2, *rng.integers(1, self._vocab - 2, k - 2).tolist(),
-                   self._vocab - 1]]
-                 for k in (min(length, self.info.context_length)
-                           for length in _WARMUP_TEXT_LENGTHS)]
+        texts: list[list[object]] = []  # one batch of one text per length
+        for length in _WARMUP_TEXT_LENGTHS:
+            k = min(length, self.info.context_length)
+            words = rng.integers(1, self._vocab - 2, k - 2).tolist()
+            texts.append([[self._vocab - 2, *words, self._vocab - 1]])
         placed = getattr(self._local, "towers", None)
         try:
             for towers in self._towers.sessions():
