@@ -609,7 +609,10 @@ def open_openvino(export: Export, threads: int, streams: int = 1,
         return run
 
     whole = Towers(compiled(export.image, threads, 1), compiled(export.text, threads, 1), dtype)
-    if streams > 1 and threads > 1:
+    # Even on one thread: a model compiled for one stream runs one request at a time (its
+    # requests run on the plugin's stream threads, not the caller's), so streams side by
+    # side need the model compiled for them, a thread each.
+    if streams > 1:
         n = lane_threads(threads, streams)
         lane = Towers(compiled(export.image, n, streams), compiled(export.text, n, streams),
                       dtype)

@@ -283,7 +283,8 @@ def test_lanes_compute_what_the_whole_export_computes_side_by_side(pristine, tmp
     ("onnxruntime", 4, 2, 3),  # wider lanes: a session each, or they would share one pool
     ("openvino", 4, 2, 2),  # one model compiled for two streams serves both lanes
     ("onnxruntime", 2, 1, 1),  # one stream: the whole session is all
-    ("onnxruntime", 1, 2, 1),  # one thread: nothing to split
+    ("onnxruntime", 1, 2, 1),  # one thread: nothing to split, each caller computes itself
+    ("openvino", 1, 2, 2),  # one stream's model would run the two callers one at a time
 ])
 def test_the_sessions_an_export_opens_for_its_streams(pristine, tmp_path, engine, threads,
                                                        streams, sessions):
