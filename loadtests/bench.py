@@ -426,8 +426,6 @@ def lanes_cap(raw: dict, svc: dict, cores: int) -> dict | None:
             "cap_per_s": cap, "of_best": cap / raw["text_best"]["items_per_s"]}
 
 
-
-
 def _other_build(here: str, svc: dict) -> str:
     there = svc.get("server_torch", here)
     if there == here:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import httpx
 from loadgen import closed_bodies
-from serverproc import ServerProcess, cpu_s
+from serverproc import ServerProcess, cpu_s, stat_fields
 from stats import Record, summarise
 from workloads import Captions, image_pool
 
@@ -275,8 +275,7 @@ def main_thread_system_s(pids: Collection[int]) -> float:
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[12])
+            total += int(stat_fields(f"/proc/{pid}/task/{pid}/stat")[12])
     return total / os.sysconf("SC_CLK_TCK")
 
 

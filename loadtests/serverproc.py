@@ -40,10 +40,16 @@ def rss_mb(pid: int) -> float:
     return proc_status_mb(pid, "VmRSS")
 
 
+def stat_fields(path: str | Path) -> list[str]:
+    """The fields of a /proc stat file after the name, so that index 11 is utime and 12
+    stime (proc(5)'s fields 14 and 15). The name may hold spaces and parentheses; the
+    fields after its last closing parenthesis do not."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds the process has used, all its threads (/proc/PID/stat)."""
-    # The name field may hold spaces; the fields after its closing parenthesis do not.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat_fields(f"/proc/{pid}/stat")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
