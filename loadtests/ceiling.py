@@ -51,7 +51,7 @@ from pathlib import Path
 
 import httpx
 from loadgen import closed_bodies
-from serverproc import ServerProcess, cpu_s, stat_fields
+from serverproc import ServerProcess, cpu_s, server_processes, stat_fields
 from stats import Record, summarise
 from workloads import Captions, image_pool
 
@@ -226,21 +226,6 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
         fields = stat.rsplit(")", 1)[1].split()
         out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return out
-
-
-def server_processes(pid: int) -> list[int]:
-    """The server's processes: `pid` alone, or with CLIP_PROCESSES > 1 the children of
-    the supervisor `pid` that serve (not multiprocessing's resource tracker)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
-            children.append(int(stat.parent.name))
-    return sorted(children) or [pid]
 
 
 def listening(port: int) -> int:

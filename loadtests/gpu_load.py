@@ -13,6 +13,16 @@ closed-loop load from several client processes, one phase per request shape:
 With --variant, a second server with those settings on top runs the same phases after the
 first (named "device/image64_json"...), so one report compares the two.
 
+With --open PHASE=ITEMS_PER_S a phase runs open loop instead: Poisson arrivals whose mean
+is that many items a second, shared by the client processes, every answer checked. Its
+line then carries issue 18's verdict at that rate: PASS when every request sent in the
+window was answered, the answers' p99 is within --p99-ms (100), and the clients kept to
+their schedule, p99 within --max-lag-ms (10; a client that falls behind offers less
+than the goal):
+
+    python3 loadtests/gpu_load.py ... --server-env CLIP_PROCESSES=4 \
+        --open image64_multipart=5000 --open text64=20000
+
 Per phase: items/s, latency percentiles, refusals and errors, the server's CPU in cores,
 GPU utilisation sampled with NVML during the measured window, and the batch sizes the
 server formed (its clip_batch_size histogram, scraped at the window's start and end).
@@ -40,9 +50,9 @@ from pathlib import Path
 
 import httpx
 import scrape
-from loadgen import closed_bodies
-from serverproc import ServerDidNotStart, ServerProcess, cpu_s
-from stats import Record, summarise
+from loadgen import closed_bodies, open_bodies
+from serverproc import ServerDidNotStart, ServerProcess, cpu_s, server_processes
+from stats import Record, percentiles, summarise
 from workloads import Captions, image_pool
 
 PHASES = ("image64_multipart", "image64_json", "text64", "text1")
@@ -107,12 +117,19 @@ def client(args: argparse.Namespace) -> int:
     start_at = float(sys.stdin.readline())
     t0 = time.perf_counter() + (start_at - time.time())  # the start, on this clock
     time.sleep(max(0.0, t0 - time.perf_counter()))
-    records, problems = asyncio.run(closed_bodies(
-        args.url, bodies.next, bodies.phase, bodies.items, args.concurrency, t0,
-        t0 + args.warmup + args.duration, args.timeout,
-        lambda r: check_answer(r, bodies.items)))
+    lags: list[float] = []
+    if args.rate:
+        records, problems, lags = asyncio.run(open_bodies(
+            args.url, bodies.next, bodies.phase, bodies.items, args.rate, t0,
+            args.warmup + args.duration, args.timeout,
+            lambda r: check_answer(r, bodies.items), seed=args.seed))
+    else:
+        records, problems = asyncio.run(closed_bodies(
+            args.url, bodies.next, bodies.phase, bodies.items, args.concurrency, t0,
+            t0 + args.warmup + args.duration, args.timeout,
+            lambda r: check_answer(r, bodies.items)))
     args.json.write_text(json.dumps({"records": [asdict(r) for r in records],
-                                     "problems": problems[:20]}))
+                                     "problems": problems[:20], "lags": lags}))
     return 0
 
 
@@ -133,7 +150,9 @@ class Sampler(threading.Thread):
 
     def _ends(self) -> None:
         with contextlib.suppress(OSError, RuntimeError):  # the server has gone
-            self.cpu.append(cpu_s(self.pid))
+            # With CLIP_PROCESSES > 1 the server is a supervisor and its children.
+            pids = {self.pid, *server_processes(self.pid)}
+            self.cpu.append(sum(cpu_s(pid) for pid in pids))
         try:
             self.scrapes.append(scrape.parse(httpx.get(self.url + "/metrics", timeout=10).text))
         except (httpx.HTTPError, ValueError) as e:
@@ -189,6 +208,9 @@ def run_phase(args: argparse.Namespace, server: ServerProcess, phase: str, work:
     concurrency = {"image64_multipart": args.image_concurrency,
                    "image64_json": args.image_concurrency,
                    "text64": args.image_concurrency * 2, "text1": args.text1_concurrency}[phase]
+    items = 1 if phase == "text1" else args.images
+    goal = dict(args.open).get(phase)  # items/s, open loop; None: closed loop
+    rate = goal / items / args.clients if goal else 0.0  # requests/s per client
     procs, files = [], []
     for k in range(args.clients):
         files.append(work / f"{phase}-{k}.json")
@@ -196,6 +218,7 @@ def run_phase(args: argparse.Namespace, server: ServerProcess, phase: str, work:
             [sys.executable, str(HERE), "client", "--url", server.url, "--phase", phase,
              "--concurrency", str(concurrency), "--warmup", str(args.warmup),
              "--duration", str(args.duration), "--images", str(args.images),
+             "--rate", str(rate),
              "--seed", str(100 * PHASES.index(phase) + k), "--json", str(files[-1])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     try:
@@ -217,15 +240,43 @@ def run_phase(args: argparse.Namespace, server: ServerProcess, phase: str, work:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    records, problems = [], []
+    records, problems, lags = [], [], []
     for f in files:
         data = json.loads(f.read_text())
         records += [Record(**r) for r in data["records"]]
         problems += data["problems"]
+        lags += data["lags"]
     summary = summarise(records, args.warmup, args.warmup + args.duration)
-    return {"clients": args.clients, "concurrency_per_client": concurrency,
-            "items_per_request": 1 if phase == "text1" else args.images,
-            "summary": summary, **sampler.result(args.duration), "problems": problems[:10]}
+    out = {"clients": args.clients, "items_per_request": items, "summary": summary,
+           **sampler.result(args.duration), "problems": problems[:10]}
+    if goal:
+        out["open_loop"] = goal_verdict(summary, items, goal, args.p99_ms / 1000, lags,
+                                        args.max_lag_ms / 1000)
+    else:
+        out["concurrency_per_client"] = concurrency
+    return out
+
+
+def goal_verdict(summary: dict, items: int, goal: float, p99_limit_s: float,
+                 lags: list[float], max_lag_s: float) -> dict:
+    """Issue 18's reading of an open-loop phase of `items`-item requests at `goal` items/s
+    on average (what was offered is reported beside it): every request sent in the
+    window answered, their p99 within `p99_limit_s`, and the clients on schedule (the p99
+    of how late they sent within `max_lag_s`: a client later than that no longer offers
+    the goal's rate)."""
+    why = []
+    unanswered = summary["requests"] - summary["ok"]
+    if unanswered or not summary["requests"]:
+        why.append(f"{unanswered} of {summary['requests']} requests not answered")
+    lat = summary["latency_ok_s"]
+    if lat and lat["p99"] > p99_limit_s:
+        why.append(f"p99 {lat['p99'] * 1000:.0f} ms > {p99_limit_s * 1000:.0f} ms")
+    lag = percentiles(lags)
+    if lag and lag["p99"] > max_lag_s:
+        why.append(f"the clients fell behind (p99 {lag['p99'] * 1000:.0f} ms late)")
+    return {"goal_items_per_s": goal, "offered_items_per_s": summary["sent_per_s"] * items,
+            "p99_limit_s": p99_limit_s,
+            "send_lag_s": lag, "verdict": "FAIL: " + "; ".join(why) if why else "PASS"}
 
 
 def line(phase: str, r: dict) -> str:
@@ -234,7 +285,11 @@ def line(phase: str, r: dict) -> str:
     gpu = r["gpu_util_pct"]
     batches = r.get("batch_sizes") or {}
     mean_batch = ", ".join(f"{v['mean']:.0f}" for v in batches.values()) or "-"
-    return (f"{phase}: {s['items_per_s']:.0f} items/s, p50 {lat.get('p50', 0) * 1000:.0f} ms, "
+    goal = r.get("open_loop")
+    opened = (f" (open loop, goal {goal['goal_items_per_s']:g}/s, offered "
+              f"{goal['offered_items_per_s']:.0f}/s: {goal['verdict']})" if goal else "")
+    return (f"{phase}{opened}: {s['items_per_s']:.0f} items/s, "
+            f"p50 {lat.get('p50', 0) * 1000:.0f} ms, "
             f"p99 {lat.get('p99', 0) * 1000:.0f} ms, ok {s['ok']}, errors {s['error']}, 503 "
             f"{s['refused_503']}, GPU {gpu['mean'] if isinstance(gpu, dict) else '-'}%, "
             f"mean batch {mean_batch}, server CPU {r.get('server_cpu_cores', '-')} cores")
@@ -319,6 +374,18 @@ def _variant(text: str) -> tuple[str, dict[str, str]]:
     return label, dict(_env_pair(kv) for kv in pairs.split(","))
 
 
+def _open_goal(text: str) -> tuple[str, float]:
+    phase, _, rate = text.partition("=")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = 0.0
+    if phase not in PHASES or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected PHASE=ITEMS_PER_S with PHASE one of "
+                                         f"{', '.join(PHASES)}, got {text!r}")
+    return phase, value
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected CLIP_NAME=VALUE, got {text!r}")
@@ -338,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--duration", type=float, required=True)
         p.add_argument("--images", type=int, required=True)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--rate", type=float, default=0.0, help="requests/s, open loop; 0: closed")
         p.add_argument("--timeout", type=float, default=60.0)
         p.add_argument("--json", type=Path, required=True)
         return client(p.parse_args(argv))
@@ -363,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", type=lambda s: [x for x in s.split(",") if x], default=list(PHASES))
     p.add_argument("--server-env", type=_env_pair, action="append", default=[],
                    metavar="CLIP_NAME=VALUE", help="more server settings (repeatable)")
+    p.add_argument("--open", type=_open_goal, action="append", default=[],
+                   help="PHASE=ITEMS_PER_S: that phase open loop at that mean rate (repeatable)")
+    p.add_argument("--p99-ms", type=float, default=100.0,
+                   help="the open-loop phases' p99 bound for their verdict")
+    p.add_argument("--max-lag-ms", type=float, default=10.0,
+                   help="how late (p99) the open-loop clients may send, for their verdict")
     p.add_argument("--variant", type=_variant, action="append", default=[],
                    metavar="LABEL:CLIP_A=1,CLIP_B=2",
                    help="after the configured server, another with these settings on top, "

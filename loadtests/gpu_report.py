@@ -1,5 +1,5 @@
 """The last step of loadtests/gpu_check.sh: its steps' JSON answers merged into two files
-(probe.json: env, parity, syncs, oom, raw; parts.json: graphs, preprocess) and summary.md,
+(probe.json: env, parity, syncs, oom, raw, goal; parts.json: graphs, preprocess) and summary.md,
 a short table of every step's status and headline followed by the numbers that matter.
 
     python3 loadtests/gpu_report.py --steps WORK/steps.tsv --work WORK --out OUT
@@ -140,10 +140,11 @@ def syncs_section(syncs: dict | None) -> list[str]:
     return lines
 
 
-def service_section(svc: dict | None) -> list[str]:
+def service_section(svc: dict | None, title: str = "Service end to end") -> list[str]:
+    """gpu_load.py's report as a table; an open-loop phase names its goal and verdict."""
     if not svc or not svc.get("phases"):
         return []
-    lines = ["", "## Service end to end", "",
+    lines = ["", f"## {title}", "",
              f"server: {' '.join(svc['config'].get('server_args', []))} "
              f"{' '.join(f'{k}={v}' for k, v in svc['config'].get('server_env', {}).items())}; "
              f"ready in {svc.get('server_ready_s', '-')} s; "
@@ -161,8 +162,10 @@ def service_section(svc: dict | None) -> list[str]:
             f"{key.rsplit('/', 1)[-1]} mean {b['mean']:.1f}: " + " ".join(
                 f"{row['sizes']}x{row['batches']}" for row in b["buckets"] if row["batches"])
             for key, b in (r.get("batch_sizes") or {}).items())
+        if goal := r.get("open_loop"):
+            phase = f"{phase}, open loop at {goal['goal_items_per_s']:g}/s: {goal['verdict']}"
         lines.append(
-            f"| {phase} | {s['items_per_s']:.0f} | {lat.get('p50', 0) * 1000:.0f} | "
+            f"| {_cell(phase)} | {s['items_per_s']:.0f} | {lat.get('p50', 0) * 1000:.0f} | "
             f"{lat.get('p99', 0) * 1000:.0f} | {s['ok']} | {s['error'] + s['timeout']} | "
             f"{s['refused_503']} | {gpu['mean'] if isinstance(gpu, dict) else '-'} | "
             f"{r.get('server_cpu_cores', '-')} | {_cell(spread)} |")
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default="GPU check")
     args = p.parse_args(argv)
     probe = {k: load(args.work / f"{k}.json") for k in PROBE}
+    probe["goal"] = load(args.work / "goal.json")  # gpu_load.py's report of the goal step
     (args.out / "probe.json").write_text(json.dumps(probe, indent=1))
     parts = {k: v for k in PARTS if (v := load(args.work / f"{k}.json")) is not None}
     if parts:
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# {args.title}", "", *step_table(steps, args.work, args.out),
              *tests_section(args.out), *parity_section(probe["parity"]),
              *syncs_section(probe["syncs"]), *raw_section(probe["raw"]),
-             *parts_section(parts), *service_section(load(args.out / "service.json"))]
+             *parts_section(parts), *service_section(load(args.out / "service.json")),
+             *service_section(probe["goal"], "Issue 18's goal: open loop, several processes")]
     oom = probe["oom"]
     if oom:
         lines += ["", "## Out of memory", "", "```", json.dumps(oom, indent=1)[:2000], "```"]

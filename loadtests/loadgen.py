@@ -30,7 +30,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -160,20 +160,35 @@ def _outcome(status: int) -> str:
     return {503: "refused_503", 429: "refused_429"}.get(status, "error")
 
 
-async def send(client: httpx.AsyncClient, call: Call, t0: float) -> Record:
+async def post_body(client: httpx.AsyncClient, content: bytes, ctype: str, kind: str,
+                    items: int, t0: float, check: Callable[[httpx.Response], str] | None,
+                    problems: list[str], path: str = "/embed") -> Record:
+    """One POST of a built body, as a Record; `check` (None: not this time) reads an OK
+    answer and says what is wrong with it, and what went wrong lands in `problems`."""
     start = time.perf_counter()
-    status, retry_after, exception = 0, None, ""
+    status, retry_after, exc, outcome = 0, None, "", "ok"
     try:
-        r = await client.post(call.path, content=call.body,
-                              headers={"content-type": "application/json"})
-        status, retry_after = r.status_code, _seconds(r.headers.get("retry-after"))
-        outcome = _outcome(status)
+        r = await client.post(path, content=content, headers={"content-type": ctype})
+        status, outcome = r.status_code, _outcome(r.status_code)
+        retry_after = _seconds(r.headers.get("retry-after"))
+        if outcome == "ok" and check is not None and (why := check(r)):
+            outcome = "error"
+            problems.append(why)
+        elif outcome == "error":
+            problems.append(f"HTTP {status}: {r.text[:200]}")
     except httpx.TimeoutException as e:
-        outcome, exception = "timeout", type(e).__name__
+        outcome, exc = "timeout", type(e).__name__
     except httpx.HTTPError as e:  # refused or reset connections, protocol errors
-        outcome, exception = "transport_error", type(e).__name__
-    return Record(call.kind, start - t0, time.perf_counter() - start, status, call.items,
-                  outcome, retry_after, exception)
+        outcome, exc = "transport_error", type(e).__name__
+        problems.append(f"{exc}: {e}")
+    return Record(kind, start - t0, time.perf_counter() - start, status, items, outcome,
+                  retry_after, exc)
+
+
+async def send(client: httpx.AsyncClient, call: Call, t0: float) -> Record:
+    """A workload's call, unchecked (its problems are not kept)."""
+    return await post_body(client, call.body, "application/json", call.kind, call.items, t0,
+                           None, [], call.path)
 
 
 async def closed_bodies(
@@ -202,32 +217,60 @@ async def closed_bodies(
                                      limits=httpx.Limits(max_connections=1)) as client:
             while time.perf_counter() < end:
                 content, ctype = next_body()
-                start = time.perf_counter()
-                status, retry_after, exc, outcome = 0, None, "", "ok"
-                try:
-                    r = await client.post("/embed", content=content,
-                                          headers={"content-type": ctype})
-                    status, outcome = r.status_code, _outcome(r.status_code)
-                    retry_after = _seconds(r.headers.get("retry-after"))
-                    if outcome == "ok" and (check_every or not checked):
-                        checked = True
-                        if why := check(r):
-                            outcome = "error"
-                            problems.append(why)
-                    elif outcome == "error":
-                        problems.append(f"HTTP {status}: {r.text[:200]}")
-                except httpx.TimeoutException as e:
-                    outcome, exc = "timeout", type(e).__name__
-                except httpx.HTTPError as e:
-                    outcome, exc = "transport_error", type(e).__name__
-                    problems.append(f"{exc}: {e}")
-                records.append(Record(kind, start - t0, time.perf_counter() - start, status,
-                                      items, outcome, retry_after, exc))
-                if retry_after:
-                    await asyncio.sleep(min(retry_after, max(0.0, end - time.perf_counter())))
+                record = await post_body(client, content, ctype, kind, items, t0,
+                                         check if check_every or not checked else None,
+                                         problems)
+                checked = checked or record.outcome == "ok"
+                records.append(record)
+                if record.retry_after:
+                    await asyncio.sleep(min(record.retry_after,
+                                            max(0.0, end - time.perf_counter())))
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return records, problems
+
+
+async def open_bodies(
+    url: str,
+    next_body: Callable[[], tuple[bytes, str]],
+    kind: str,
+    items: int,
+    rate: float,
+    t0: float,
+    duration: float,
+    timeout: float,
+    check: Callable[[httpx.Response], str],
+    seed: int,
+    max_outstanding: int = 256,
+) -> tuple[list[Record], list[str], list[float]]:
+    """Open loop on /embed: Poisson arrivals of mean `rate` requests/s in [t0, t0 +
+    duration), each sent when it is due however many are outstanding (up to
+    `max_outstanding`, then recorded as client_dropped), on a single-connection client
+    taken from a reused stack (`Clients`). Every answer is checked. The records, the
+    problems, and how late each request was sent against its schedule: a client that
+    falls behind offers less than `rate`, which a report must say."""
+    records: list[Record] = []
+    problems: list[str] = []
+    clients = Clients(url, {}, timeout)
+
+    async def one(at: float) -> None:
+        content, ctype = next_body()
+        client = clients.take()
+        try:
+            records.append(await post_body(client, content, ctype, kind, items, t0, check,
+                                           problems))
+        finally:
+            clients.give_back(client)
+
+    def dropped(at: float) -> None:
+        records.append(Record(kind, at, 0.0, 0, items, "client_dropped", None))
+
+    try:
+        lags = await launch_on_schedule(poisson_arrivals(rate, duration, seed), t0,
+                                        max_outstanding, one, dropped)
+    finally:
+        await clients.aclose()
+    return records, problems, lags
 
 
 async def _closed(clients: Clients, workload: Workload, cfg: RunConfig, t0: float) -> list[Record]:
@@ -248,35 +291,48 @@ async def _closed(clients: Clients, workload: Workload, cfg: RunConfig, t0: floa
     return records
 
 
-async def _open(clients: Clients, workload: Workload, cfg: RunConfig, t0: float) -> tuple[list[Record], list[float]]:
-    """Each arrival is launched as its own task, however many are outstanding, up to
-    max_outstanding (then it is recorded as client_dropped). Also returns how late each
-    was sent against its schedule: a late client would understate the offered load."""
-    records: list[Record] = []
+async def launch_on_schedule(arrivals: list[float], t0: float, max_outstanding: int,
+                             start: Callable[[float], Awaitable[None]],
+                             dropped: Callable[[float], None]) -> list[float]:
+    """Starts `start(at)` as its own task at t0 + at for each arrival, however many are
+    outstanding, up to `max_outstanding` (then `dropped(at)` instead), and waits for them
+    all. Returns how late each was started against its schedule: a late client would
+    understate the offered load."""
     lags: list[float] = []
     outstanding: set[asyncio.Task] = set()
-
-    async def one(call: Call) -> None:
-        client = clients.take()
-        try:
-            records.append(await send(client, call, t0))
-        finally:
-            clients.give_back(client)
-
-    for at in poisson_arrivals(cfg.rate, cfg.warmup + cfg.duration, cfg.seed):
+    for at in arrivals:
         delay = t0 + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         lags.append(max(0.0, -delay))
-        call = workload.next()
-        if len(outstanding) >= cfg.max_outstanding:
-            records.append(Record(call.kind, at, 0.0, 0, call.items, "client_dropped", False))
+        if len(outstanding) >= max_outstanding:
+            dropped(at)
             continue
-        task = asyncio.create_task(one(call))
+        task = asyncio.create_task(start(at))
         outstanding.add(task)
         task.add_done_callback(outstanding.discard)
     if outstanding:
         await asyncio.gather(*outstanding)
+    return lags
+
+
+async def _open(clients: Clients, workload: Workload, cfg: RunConfig, t0: float) -> tuple[list[Record], list[float]]:
+    """Poisson arrivals at cfg.rate, each its own request (`launch_on_schedule`)."""
+    records: list[Record] = []
+
+    async def one(at: float) -> None:
+        client = clients.take()
+        try:
+            records.append(await send(client, workload.next(), t0))
+        finally:
+            clients.give_back(client)
+
+    def dropped(at: float) -> None:
+        call = workload.next()
+        records.append(Record(call.kind, at, 0.0, 0, call.items, "client_dropped", None))
+
+    lags = await launch_on_schedule(poisson_arrivals(cfg.rate, cfg.warmup + cfg.duration, cfg.seed),
+                                    t0, cfg.max_outstanding, one, dropped)
     return records, lags
 
 

@@ -53,6 +53,21 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_processes(pid: int) -> list[int]:
+    """The server's processes: `pid` alone, or with CLIP_PROCESSES > 1 the children of
+    the supervisor `pid` that serve (not multiprocessing's resource tracker)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_fields(stat)
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
+            children.append(int(stat.parent.name))
+    return sorted(children) or [pid]
+
+
 def _pythonpath() -> str:
     """The repository root, then this process's PYTHONPATH."""
     return os.pathsep.join([str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from ceiling import cpu_delta, parse_args, server_processes
+from ceiling import cpu_delta, parse_args
+from serverproc import server_processes
 
 
 def test_every_server_process_main_thread_is_an_event_loop():

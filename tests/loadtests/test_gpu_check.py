@@ -4,6 +4,8 @@ CPU goes through every step, and what it leaves in $OUT fits what that machine s
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import subprocess
@@ -14,14 +16,16 @@ import pytest
 from conftest import LOADTESTS
 
 # isort: split
+import gpu_load
 import gpu_report
 import serverproc
+from stats import Record, summarise
 
 SCRIPT = LOADTESTS / "gpu_check.sh"
 ROOT = LOADTESTS.parent
 # Steps that must pass in a dry run; wheels and nvidia-smi are skipped there, and the
 # parts benchmark runs when loadtests/bench_gpu_parts.py exists.
-MUST_PASS = ("env", "tests", "parity", "syncs", "oom", "raw", "service")
+MUST_PASS = ("env", "tests", "parity", "syncs", "oom", "raw", "service", "goal")
 MAY_SKIP = ("wheels", "nvidia-smi", "graphs", "preprocess")
 
 
@@ -86,3 +90,47 @@ def test_server_keeps_the_callers_pythonpath(monkeypatch):
     assert serverproc._pythonpath() == os.pathsep.join([str(ROOT), "/tmp/site", "/opt/more"])
     monkeypatch.delenv("PYTHONPATH")
     assert serverproc._pythonpath() == str(ROOT)
+
+
+def _open_loop(latencies_ms: list[float], outcome: str = "ok") -> dict:
+    records = [Record("image64_multipart", 1 + i / 100, ms / 1000, 200, 64, "ok", None)
+               for i, ms in enumerate(latencies_ms)]
+    if records:
+        records[-1].outcome = outcome
+    return summarise(records, 1, 3)
+
+
+def test_goal_verdict_needs_every_answer_within_the_p99_and_the_clients_on_schedule():
+    def verdict(latencies_ms, lags, outcome="ok") -> dict:
+        return gpu_load.goal_verdict(_open_loop(latencies_ms, outcome), 64, 5000, 0.1, lags,
+                                     0.01)
+
+    quick, on_time = [20.0] * 150, [0.001] * 150
+    ok = verdict(quick, on_time)
+    assert ok["verdict"] == "PASS"
+    assert ok["offered_items_per_s"] == 150 / 2 * 64  # 150 requests sent in the 2 s window
+    assert verdict([20.0] * 140 + [150.0] * 10, on_time)["verdict"].startswith("FAIL: p99 1")
+    assert verdict(quick, on_time, "refused_503")["verdict"] == (
+        "FAIL: 1 of 150 requests not answered")
+    late = verdict(quick, [0.001] * 140 + [0.05] * 10)
+    assert late["verdict"].startswith("FAIL: the clients fell behind")
+    assert verdict([], [])["verdict"].startswith("FAIL")
+
+
+def test_open_goals_are_parsed_and_checked():
+    assert gpu_load._open_goal("text64=20000") == ("text64", 20000.0)
+    for bad in ("text64", "text64=fast", "text64=0", "image9=5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gpu_load._open_goal(bad)
+
+
+def test_the_dry_runs_goal_step_ran_open_loop_on_two_processes(dry_run):
+    _, out = dry_run
+    goal = json.loads((out / "probe.json").read_text())["goal"]
+    assert goal["config"]["server_env"]["CLIP_PROCESSES"] == "2"
+    assert goal["config"]["server_env"]["CLIP_PREPROCESS"] == "device"
+    for phase in ("image64_multipart", "text64"):
+        r = goal["phases"][phase]
+        assert r["open_loop"]["verdict"] == "PASS", r
+        assert r["summary"]["ok"] == r["summary"]["requests"] > 0
+    assert "open loop at 40/s: PASS" in (out / "summary.md").read_text()

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import statistics
+import time
 
 import pytest
 from loadtest_support import start_server  # first: it puts loadtests/ on the path
@@ -213,6 +214,32 @@ def test_open_loop_mix_sends_at_the_asked_rate(server):
     assert 8 < s["sent_per_s"] < 35  # ~50 Poisson arrivals in 2.5 s
     assert set(report["by_kind"]) == {"image1", "text", "classify"}
     assert report["schedule_lag_s"]["p50"] < 0.1
+
+
+def test_open_bodies_sends_built_bodies_on_schedule_and_checks_each(server):
+    # gpu_load.py's open loop: Poisson arrivals of a built body, every answer checked.
+    body = json.dumps({"texts": ["a red square", "a blue circle"], "encoding": "base64"})
+    checked: list[int] = []
+
+    def check(r) -> str:
+        checked.append(len(r.json()["texts"]))
+        return "" if len(checked) != 5 else "the fifth answer is called wrong"
+
+    async def go():
+        return await loadgen.open_bodies(
+            server.url, lambda: (body.encode(), "application/json"), "text2", 2, rate=20,
+            t0=time.perf_counter(), duration=1.5, timeout=30, check=check, seed=3)
+
+    records, problems, lags = asyncio.run(go())
+    assert len(records) == len(lags) == len(poisson_arrivals(20, 1.5, 3)) > 10
+    assert checked == [2] * len(records)
+    outcomes = [r.outcome for r in sorted(records, key=lambda r: r.start)]
+    assert outcomes.count("error") == 1 and outcomes.count("ok") == len(records) - 1
+    assert problems == ["the fifth answer is called wrong"]
+    assert all(r.kind == "text2" and r.items == 2 and r.latency > 0 for r in records)
+    # None was sent before its scheduled time (an offset from t0).
+    starts = sorted(r.start for r in records)
+    assert all(s >= at - 1e-3 for s, at in zip(starts, poisson_arrivals(20, 1.5, 3), strict=True))
 
 
 def test_cli_sweep_writes_json_and_plots(server, tmp_path):
