@@ -13,10 +13,11 @@ Starts clip-serve (ViT-B-32 fp32, random weights, CPU) twice:
    server's CPU split into the event loop's thread and the others (/proc/PID/task/*/stat);
    the storm's share of the server's CPU is the event loop's CPU beyond what the answered
    requests cost it in the bound-off phase.
-2. **The prediction** (second server only): closed loop at 16, 24 and 32 callers and open
-   loop (Poisson arrivals, no retries) at 1x, 1.5x and 2x the capacity measured in the
-   bound-off phase. For each admitted request, the wait the admission predicted when it
-   was queued and the queue wait it had, paired.
+2. **The prediction** (second server only): closed loop at a half, three quarters and
+   all of `--callers` (16, 24 and 32 by default) and open loop (Poisson arrivals, no
+   retries) at 1x, 1.5x and 2x the capacity measured in the bound-off phase. For each
+   admitted request, the wait the admission predicted when it was queued and the queue
+   wait it had, paired.
 
 The prediction is read inside the server by this script's own entry point (`--serve`),
 which wraps `ModelWorker.submit_many` to note `Admission.predicted_wait` at admission and
@@ -348,7 +349,10 @@ def honesty(server: ServerProcess, body: bytes, trace: Path, args: argparse.Name
             capacity: float) -> list[dict]:
     seconds = 3.0 if args.quick else 10.0
     rows = []
-    for mode, levels in (("closed", (16, 24, 32)), ("open", (1.0, 1.5, 2.0))):
+    # Closed loop at a half, three quarters and all of the storm's callers (16, 24, 32 by
+    # default); open loop at 1x, 1.5x and 2x the capacity the bound-off phase measured.
+    closed = (args.callers // 2, args.callers * 3 // 4, args.callers)
+    for mode, levels in (("closed", closed), ("open", (1.0, 1.5, 2.0))):
         for level in levels:
             n = level if mode == "closed" else level * capacity
             result = _phase(server, body, mode, n, args.procs, seconds)
