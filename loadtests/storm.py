@@ -225,13 +225,30 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def _image_batches(server: ServerProcess) -> tuple[float, float]:
+    """(batches, images) the server has computed so far, from its clip_batch_size."""
+    import httpx
+    import scrape
+
+    samples = scrape.parse(httpx.get(server.url + "/metrics", timeout=10).text)
+    totals = [0.0, 0.0]
+    for (name, labels), value in samples.items():
+        if dict(labels).get("modality") == "image" and name in ("clip_batch_size_count",
+                                                                 "clip_batch_size_sum"):
+            totals[name.endswith("_sum")] += value
+    return totals[0], totals[1]
+
+
 def _phase(server: ServerProcess, body: bytes, mode: str, n: float, procs: int,
            seconds: float) -> dict:
-    before = thread_cpu(server.pid)
+    before, batches_before = thread_cpu(server.pid), _image_batches(server)
     t0 = time.time()
     result = load(server.port, body, mode, n, procs, seconds)
-    after = thread_cpu(server.pid)
+    after, batches_after = thread_cpu(server.pid), _image_batches(server)
     result["server_cpu_s"] = {k: after[k] - before[k] for k in before}
+    # Batches that ended after the load stopped count too: the queue empties after it.
+    result["batches"], result["batched_images"] = (
+        a - b for a, b in zip(batches_after, batches_before, strict=True))
     result["window"] = (t0 + 0.5, t0 + 0.5 + seconds)
     return result
 
@@ -335,7 +352,8 @@ def _merge(halves: list[dict]) -> dict:
     """Two halves of a phase as one: counts and CPU added, rates over both, the
     latencies and predictions of the second half (the first, of the first only)."""
     out = dict(halves[-1])
-    for key in ("ok", "refused", "error", "seconds", "generator_cpu_s"):
+    for key in ("ok", "refused", "error", "seconds", "generator_cpu_s", "batches",
+                "batched_images"):
         out[key] = sum(h[key] for h in halves)
     out["server_cpu_s"] = {k: sum(h["server_cpu_s"][k] for h in halves)
                            for k in halves[0]["server_cpu_s"]}
@@ -371,12 +389,13 @@ def _fmt(report: dict) -> str:
              f"{report['callers']} closed-loop callers in {report['procs']} processes, "
              f"one {report['body_bytes']}-byte JSON body each, 503 retried at once",
              "| bound | images/s | refusals/s | p50 s | p99 s | server CPU s (loop / other) "
-             "| generator CPU s |", "|---|---|---|---|---|---|---|"]
+             "| generator CPU s | mean image batch |", "|---|---|---|---|---|---|---|---|"]
     for name, r in (("off", off), ("default (2 s)", on)):
         cpu = r["server_cpu_s"]
         lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['refused_per_s']:.1f} | "
                      f"{r['p50_s'] or 0:.2f} | {r['p99_s'] or 0:.2f} | "
-                     f"{cpu['loop']:.1f} / {cpu['other']:.1f} | {r['generator_cpu_s']:.1f} |")
+                     f"{cpu['loop']:.1f} / {cpu['other']:.1f} | {r['generator_cpu_s']:.1f} | "
+                     f"{r['batched_images'] / max(1.0, r['batches']):.1f} |")
     lines.append("images/s by half (off, then default, alternating): "
                  f"{off['halves_images_per_s']} / {on['halves_images_per_s']}")
     lines.append(f"ratio (default / off): {report['ratio']:.2f}; the storm's share of the "
