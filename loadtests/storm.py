@@ -225,30 +225,27 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
-def _image_batches(server: ServerProcess) -> tuple[float, float]:
-    """(batches, images) the server has computed so far, from its clip_batch_size."""
+def _metrics(server: ServerProcess):
     import httpx
     import scrape
 
-    samples = scrape.parse(httpx.get(server.url + "/metrics", timeout=10).text)
-    totals = [0.0, 0.0]
-    for (name, labels), value in samples.items():
-        if dict(labels).get("modality") == "image" and name in ("clip_batch_size_count",
-                                                                 "clip_batch_size_sum"):
-            totals[name.endswith("_sum")] += value
-    return totals[0], totals[1]
+    return scrape.parse(httpx.get(server.url + "/metrics", timeout=10).text)
 
 
 def _phase(server: ServerProcess, body: bytes, mode: str, n: float, procs: int,
            seconds: float) -> dict:
-    before, batches_before = thread_cpu(server.pid), _image_batches(server)
+    import scrape
+
+    before, metrics_before = thread_cpu(server.pid), _metrics(server)
     t0 = time.time()
     result = load(server.port, body, mode, n, procs, seconds)
-    after, batches_after = thread_cpu(server.pid), _image_batches(server)
+    after, metrics_after = thread_cpu(server.pid), _metrics(server)
     result["server_cpu_s"] = {k: after[k] - before[k] for k in before}
     # Batches that ended after the load stopped count too: the queue empties after it.
-    result["batches"], result["batched_images"] = (
-        a - b for a, b in zip(batches_after, batches_before, strict=True))
+    image = [b for key, b in scrape.batch_sizes(metrics_before, metrics_after).items()
+             if key.endswith("/image")]
+    result["batches"] = sum(b["batches"] for b in image)
+    result["batched_images"] = sum(b["items"] for b in image)
     result["window"] = (t0 + 0.5, t0 + 0.5 + seconds)
     return result
 
